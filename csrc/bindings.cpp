@@ -1,0 +1,24 @@
+// The Python module: moe_kernels._C (CUDA kernels) or moe_kernels._simt (the same kernels
+// in the SIMT emulator), depending on MOE_KERNELS_TARGET_*.
+#include <torch/extension.h>
+
+#include "torch/ops.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "moe_kernels native ops";
+#if defined(MOE_KERNELS_TARGET_CUDA)
+  m.attr("target") = "cuda";
+#else
+  m.attr("target") = "simt";
+#endif
+  m.def("topk_gating", &moe::topk_gating, "Fused softmax top-k gating", py::arg("logits"),
+        py::arg("k"), py::arg("renormalize"));
+
+  py::module_ t = m.def_submodule("testing", "kernels that test the execution model");
+  t.def("block_sum", &moe::testing::block_sum, py::arg("x"), py::arg("block"));
+  t.def("transpose", &moe::testing::transpose, py::arg("x"));
+  t.def("warp_scan", &moe::testing::warp_scan, py::arg("x"));
+  t.def("histogram", &moe::testing::histogram, py::arg("x"), py::arg("bins"));
+  t.def("block_reverse", &moe::testing::block_reverse, py::arg("x"), py::arg("block"));
+  t.def("broken", &moe::testing::broken, py::arg("mode"), py::arg("out"));
+}

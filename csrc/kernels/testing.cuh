@@ -1,0 +1,126 @@
+#pragma once
+
+#include "common/launch.cuh"
+#include "common/memory.cuh"
+#include "common/reduce.cuh"
+#include "testing.h"
+
+namespace moe {
+namespace testing {
+
+__global__ void block_sum_kernel(const float* in, float* out, int64_t n) {
+  float* partial = dynamic_smem<float>();
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  partial[threadIdx.x] = i < n ? in[i] : 0.f;
+  __syncthreads();
+  for (unsigned stride = blockDim.x / 2; stride > 0; stride /= 2) {
+    if (threadIdx.x < stride) partial[threadIdx.x] += partial[threadIdx.x + stride];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) out[blockIdx.x] = partial[0];
+}
+
+void launch_block_sum(const float* in, float* out, int64_t n, int block, cudaStream_t stream) {
+  LaunchConfig cfg{dim3(ceil_div(n, block)), dim3(block), block * sizeof(float), stream};
+  launch_kernel("block_sum_kernel", block_sum_kernel, cfg, in, out, n);
+}
+
+__global__ void transpose_kernel(const float* in, float* out, int rows, int cols) {
+  __shared__ float tile[32][33];  // +1 column: no bank conflicts on the transposed read
+  const int c = blockIdx.x * 32 + threadIdx.x;
+  for (int dy = threadIdx.y; dy < 32; dy += blockDim.y) {
+    const int r = blockIdx.y * 32 + dy;
+    if (r < rows && c < cols) tile[dy][threadIdx.x] = in[static_cast<int64_t>(r) * cols + c];
+  }
+  __syncthreads();
+  const int out_c = blockIdx.y * 32 + threadIdx.x;  // a row of `in`
+  for (int dy = threadIdx.y; dy < 32; dy += blockDim.y) {
+    const int out_r = blockIdx.x * 32 + dy;  // a column of `in`
+    if (out_r < cols && out_c < rows) out[static_cast<int64_t>(out_r) * rows + out_c] = tile[threadIdx.x][dy];
+  }
+}
+
+void launch_transpose(const float* in, float* out, int rows, int cols, cudaStream_t stream) {
+  LaunchConfig cfg{dim3(ceil_div(cols, 32), ceil_div(rows, 32)), dim3(32, 8), 0, stream};
+  launch_kernel("transpose_kernel", transpose_kernel, cfg, in, out, rows, cols);
+}
+
+__global__ void warp_scan_kernel(const int32_t* in, int32_t* scan, int32_t* votes, int64_t n) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int lane = threadIdx.x % 32;
+  int32_t x = i < n ? in[i] : 0;
+  const unsigned ballot = __ballot_sync(kFullMask, x > 0);
+  const int any = __any_sync(kFullMask, x > 0);
+  const int all = __all_sync(kFullMask, x > 0);
+#pragma unroll
+  for (int offset = 1; offset < 32; offset *= 2) {
+    const int32_t up = __shfl_up_sync(kFullMask, x, offset);
+    if (lane >= offset) x += up;
+  }
+  __syncwarp();
+  if (i < n) scan[i] = x;
+  if (lane == 0) {
+    const int64_t warp = i / 32;
+    votes[warp * 3 + 0] = static_cast<int32_t>(ballot);
+    votes[warp * 3 + 1] = any;
+    votes[warp * 3 + 2] = all;
+  }
+}
+
+void launch_warp_scan(const int32_t* in, int32_t* scan, int32_t* votes, int64_t n,
+                      cudaStream_t stream) {
+  LaunchConfig cfg{dim3(ceil_div(n, 128)), dim3(128), 0, stream};
+  launch_kernel("warp_scan_kernel", warp_scan_kernel, cfg, in, scan, votes, n);
+}
+
+__global__ void histogram_kernel(const int32_t* in, int32_t* counts, int64_t n) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) atomicAdd(&counts[in[i]], 1);
+}
+
+void launch_histogram(const int32_t* in, int32_t* counts, int64_t n, cudaStream_t stream) {
+  LaunchConfig cfg{dim3(ceil_div(n, 256)), dim3(256), 0, stream};
+  launch_kernel("histogram_kernel", histogram_kernel, cfg, in, counts, n);
+}
+
+__global__ void block_reverse_kernel(const float* in, float* out, int64_t n) {
+  float* buffer = dynamic_smem<float>();
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.x;
+  const int64_t remaining = n - base;
+  const int count = remaining < blockDim.x ? static_cast<int>(remaining) : static_cast<int>(blockDim.x);
+  if (static_cast<int>(threadIdx.x) < count) buffer[threadIdx.x] = in[base + threadIdx.x];
+  __syncthreads();
+  if (static_cast<int>(threadIdx.x) < count) out[base + threadIdx.x] = buffer[count - 1 - threadIdx.x];
+}
+
+void launch_block_reverse(const float* in, float* out, int64_t n, int block, cudaStream_t stream) {
+  LaunchConfig cfg{dim3(ceil_div(n, block)), dim3(block), block * sizeof(float), stream};
+  launch_kernel("block_reverse_kernel", block_reverse_kernel, cfg, in, out, n);
+}
+
+__global__ void broken_kernel(int mode, float* out) {
+  if (mode == 0) {
+    if (threadIdx.x < 16) __syncthreads();
+  } else if (mode == 1) {
+    if (threadIdx.x >= 32) return;
+    __syncthreads();
+  } else if (mode == 2) {
+    if (threadIdx.x < 32) {
+      __syncthreads();
+    } else {
+      __syncthreads();
+    }
+  } else if (mode == 3) {
+    if (threadIdx.x % 2) return;
+    out[threadIdx.x] = __shfl_xor_sync(kFullMask, 1.f, 2);
+  }
+  out[threadIdx.x] = 1.f;
+}
+
+void launch_broken(int mode, float* out, cudaStream_t stream) {
+  LaunchConfig cfg{dim3(1), dim3(64), 0, stream};
+  launch_kernel("broken_kernel", broken_kernel, cfg, mode, out);
+}
+
+}  // namespace testing
+}  // namespace moe

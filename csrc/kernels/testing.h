@@ -1,0 +1,31 @@
+// Small kernels that exercise the execution model itself (barriers, shared memory, warp
+// collectives, atomics). The emulator's own tests run them under simt and, where a GPU
+// is present, on the GPU, so the emulator is checked against the hardware it imitates.
+#pragma once
+
+#include <cstdint>
+
+#include "common/stream.h"
+
+namespace moe {
+namespace testing {
+
+// out[b] = sum of in[b*block .. (b+1)*block): shared-memory tree reduction.
+void launch_block_sum(const float* in, float* out, int64_t n, int block, cudaStream_t stream);
+// out = in^T for a [rows, cols] matrix, through a padded 32x33 shared tile.
+void launch_transpose(const float* in, float* out, int rows, int cols, cudaStream_t stream);
+// Per-warp inclusive scan with __shfl_up_sync; also the warp's ballot/any/all of (x > 0).
+void launch_warp_scan(const int32_t* in, int32_t* scan, int32_t* votes, int64_t n,
+                      cudaStream_t stream);
+// counts[in[i]] += 1 with atomicAdd; out[i] = in[n-1-i] within each block, via dynamic
+// shared memory.
+void launch_histogram(const int32_t* in, int32_t* counts, int64_t n, cudaStream_t stream);
+void launch_block_reverse(const float* in, float* out, int64_t n, int block, cudaStream_t stream);
+// Kernels that break the rules on purpose; the emulator must reject them.
+// mode 0: __syncthreads inside `if (threadIdx.x < 16)`; 1: half the block exits before
+// a __syncthreads; 2: two different __syncthreads call sites; 3: a shuffle whose mask
+// misses lanes that exited.
+void launch_broken(int mode, float* out, cudaStream_t stream);
+
+}  // namespace testing
+}  // namespace moe

@@ -1,0 +1,5 @@
+// The simt build of every kernel: the same sources nvcc compiles, with the emulator.
+#include "simt.h"
+
+#include "../kernels/gating.cuh"
+#include "../kernels/testing.cuh"

@@ -1,0 +1,387 @@
+// The SIMT emulator's scheduler: fibers, block barriers and warp collectives.
+#include "simt.h"
+
+#include <cstdlib>
+#include <memory>
+#include <sstream>
+#include <vector>
+
+#if defined(__SANITIZE_ADDRESS__)
+#define SIMT_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define SIMT_ASAN 1
+#endif
+#endif
+
+#if defined(SIMT_ASAN)
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#endif
+
+#if !defined(__x86_64__)
+#include <ucontext.h>
+#endif
+
+namespace simt {
+namespace {
+
+// ---------------------------------------------------------------------------------------
+// Context switching. On x86-64 a dozen instructions save the callee-saved registers and
+// swap stacks (ucontext's swapcontext makes a signal-mask system call on every switch,
+// which dominates emulated kernels full of shuffles). Elsewhere: ucontext.
+// ---------------------------------------------------------------------------------------
+#if defined(__x86_64__)
+extern "C" void simt_switch_stack(void** save_sp, void* new_sp);
+extern "C" void simt_fiber_entry();
+asm(R"(
+  .text
+  .globl simt_switch_stack
+  .hidden simt_switch_stack
+  .type simt_switch_stack, @function
+simt_switch_stack:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size simt_switch_stack, .-simt_switch_stack
+
+  .globl simt_fiber_entry
+  .hidden simt_fiber_entry
+  .type simt_fiber_entry, @function
+simt_fiber_entry:
+  movq %r12, %rdi
+  callq *%r13
+  ud2
+  .size simt_fiber_entry, .-simt_fiber_entry
+)");
+
+struct Context {
+  void* sp = nullptr;
+};
+
+// Lays out a fresh stack so that the first switch to it "returns" into simt_fiber_entry,
+// which calls entry(arg) with a 16-byte aligned stack.
+void make_context(Context& ctx, char* stack, size_t size, void (*entry)(void*), void* arg) {
+  uintptr_t top = reinterpret_cast<uintptr_t>(stack + size) & ~uintptr_t(15);
+  uint64_t* sp = reinterpret_cast<uint64_t*>(top);
+  // `ret` pops the entry address and leaves rsp = top (16-byte aligned), so the call in
+  // simt_fiber_entry enters `entry` with the alignment the ABI requires.
+  *--sp = reinterpret_cast<uint64_t>(&simt_fiber_entry);      // return address
+  *--sp = 0;                                                  // rbp
+  *--sp = 0;                                                  // rbx
+  *--sp = reinterpret_cast<uint64_t>(arg);                    // r12
+  *--sp = reinterpret_cast<uint64_t>(entry);                  // r13
+  *--sp = 0;                                                  // r14
+  *--sp = 0;                                                  // r15
+  *--sp = (uint64_t(0x037F) << 32) | 0x1F80;                  // fcw : mxcsr defaults
+  ctx.sp = sp;
+}
+void switch_context(Context& from, Context& to) { simt_switch_stack(&from.sp, to.sp); }
+#else
+struct Context {
+  ucontext_t uc;
+};
+void make_context(Context& ctx, char* stack, size_t size, void (*entry)(void*), void* arg) {
+  getcontext(&ctx.uc);
+  ctx.uc.uc_stack.ss_sp = stack;
+  ctx.uc.uc_stack.ss_size = size;
+  ctx.uc.uc_link = nullptr;
+  makecontext(&ctx.uc, reinterpret_cast<void (*)()>(entry), 1, arg);
+}
+void switch_context(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+#endif
+
+#if defined(SIMT_ASAN)
+constexpr size_t kStackBytes = 512 * 1024;  // ASan's redzones make frames much larger
+#else
+constexpr size_t kStackBytes = 128 * 1024;
+#endif
+
+enum class State { runnable, at_barrier, at_collective, done };
+
+struct Fiber {
+  Context ctx;
+  char* stack = nullptr;  // from the thread's stack pool
+  uint3 thread_idx{};
+  int linear_id = 0;
+  State state = State::runnable;
+  // __syncthreads call site, for the divergent-barrier check.
+  const char* barrier_file = nullptr;
+  int barrier_line = 0;
+  // Warp collective in flight.
+  WarpOp op = WarpOp::shfl;
+  unsigned mask = 0;
+  uint64_t posted = 0;
+  uint64_t received[32] = {};
+#if defined(SIMT_ASAN)
+  void* fake_stack = nullptr;
+#endif
+};
+
+struct Launch {
+  const char* kernel_name = "";
+  dim3 grid, block;
+  uint3 block_idx{};
+  const std::function<void()>* body = nullptr;
+  std::vector<unsigned char> dynamic_smem;
+  std::vector<Fiber> fibers;
+  int num_threads = 0;
+  int at_barrier = 0;
+  Context scheduler;
+  Fiber* current = nullptr;
+  std::string error;
+#if defined(SIMT_ASAN)
+  const void* scheduler_stack_bottom = nullptr;
+  size_t scheduler_stack_size = 0;
+#endif
+};
+
+thread_local Launch* g_launch = nullptr;
+
+Launch& launch_state() {
+  if (g_launch == nullptr) {
+    throw std::logic_error("simt: a device function was called outside of a kernel launch");
+  }
+  return *g_launch;
+}
+Fiber& self() { return *launch_state().current; }
+
+// Switch from the running fiber back to the scheduler.
+void yield_to_scheduler(bool finished = false) {
+  Launch& l = launch_state();
+  Fiber& f = *l.current;
+#if defined(SIMT_ASAN)
+  __sanitizer_start_switch_fiber(finished ? nullptr : &f.fake_stack, l.scheduler_stack_bottom,
+                                 l.scheduler_stack_size);
+#else
+  (void)finished;
+#endif
+  switch_context(f.ctx, l.scheduler);
+#if defined(SIMT_ASAN)
+  __sanitizer_finish_switch_fiber(f.fake_stack, nullptr, nullptr);
+#endif
+}
+
+void fiber_main(void* arg) {
+  Launch& l = *static_cast<Launch*>(arg);
+#if defined(SIMT_ASAN)
+  __sanitizer_finish_switch_fiber(nullptr, &l.scheduler_stack_bottom, &l.scheduler_stack_size);
+#endif
+  (*l.body)();
+  l.current->state = State::done;
+  yield_to_scheduler(/*finished=*/true);
+  std::abort();  // a finished fiber is never resumed
+}
+
+std::string where(const Launch& l) {
+  std::ostringstream os;
+  os << "kernel '" << l.kernel_name << "' block (" << l.block_idx.x << "," << l.block_idx.y << ","
+     << l.block_idx.z << ")";
+  return os.str();
+}
+
+void resume(Launch& l, Fiber& f) {
+  l.current = &f;
+#if defined(SIMT_ASAN)
+  void* scheduler_fake_stack = nullptr;
+  __sanitizer_start_switch_fiber(&scheduler_fake_stack, f.stack, kStackBytes);
+#endif
+  switch_context(l.scheduler, f.ctx);
+#if defined(SIMT_ASAN)
+  __sanitizer_finish_switch_fiber(scheduler_fake_stack, nullptr, nullptr);
+#endif
+  l.current = nullptr;
+}
+
+// Explains why no fiber of the block can run.
+std::string describe_deadlock(const Launch& l) {
+  int exited = 0, at_barrier = 0, at_collective = 0;
+  std::string barrier_site;
+  for (const Fiber& f : l.fibers) {
+    if (f.state == State::done) ++exited;
+    if (f.state == State::at_barrier) {
+      ++at_barrier;
+      barrier_site = std::string(f.barrier_file) + ":" + std::to_string(f.barrier_line);
+    }
+    if (f.state == State::at_collective) ++at_collective;
+  }
+  std::ostringstream os;
+  if (at_barrier > 0) {
+    os << "divergent __syncthreads in " << where(l) << ": reached at " << barrier_site << " by "
+       << at_barrier << " of " << l.num_threads << " threads (" << exited << " exited, "
+       << at_collective << " waiting in a warp collective)";
+  } else {
+    os << "deadlock in " << where(l) << ": " << at_collective
+       << " threads wait in a warp collective whose other lanes exited or never arrive ("
+       << exited << " exited)";
+  }
+  return os.str();
+}
+
+void run_block(Launch& l) {
+  const int n = l.num_threads;
+  for (int i = 0; i < n; ++i) {
+    Fiber& f = l.fibers[i];
+    f.linear_id = i;
+    f.thread_idx = uint3{static_cast<unsigned>(i % l.block.x),
+                         static_cast<unsigned>((i / l.block.x) % l.block.y),
+                         static_cast<unsigned>(i / (l.block.x * l.block.y))};
+    f.state = State::runnable;
+#if defined(SIMT_ASAN)
+    // Frames of fibers that never returned (fiber_main, or a failed launch) left
+    // poisoned redzones behind on this reused stack.
+    ASAN_UNPOISON_MEMORY_REGION(f.stack, kStackBytes);
+#endif
+    make_context(f.ctx, f.stack, kStackBytes, &fiber_main, &l);
+  }
+  l.at_barrier = 0;
+  // Uninitialized shared memory reads as a NaN-like pattern, never as zeros.
+  std::fill(l.dynamic_smem.begin(), l.dynamic_smem.end(), 0xFF);
+
+  for (;;) {
+    bool progressed = false, all_done = true;
+    for (Fiber& f : l.fibers) {
+      if (f.state == State::runnable) {
+        resume(l, f);
+        progressed = true;
+        if (!l.error.empty()) throw KernelError(l.error);
+      }
+      if (f.state != State::done) all_done = false;
+    }
+    if (all_done) return;
+    if (!progressed) throw KernelError(describe_deadlock(l));
+  }
+}
+
+}  // namespace
+
+const uint3& thread_idx() { return self().thread_idx; }
+const uint3& block_idx() { return launch_state().block_idx; }
+const dim3& block_dim() { return launch_state().block; }
+const dim3& grid_dim() { return launch_state().grid; }
+int lane_id() { return self().linear_id % 32; }
+
+unsigned char* dynamic_shared_memory() {
+  Launch& l = launch_state();
+  return l.dynamic_smem.empty() ? nullptr : l.dynamic_smem.data();
+}
+
+void fail(const std::string& message) {
+  Launch& l = launch_state();
+  l.error = message + " (in " + where(l) + ", thread " + std::to_string(self().linear_id) + ")";
+  self().state = State::done;
+  yield_to_scheduler(/*finished=*/true);
+  std::abort();
+}
+
+void syncthreads(const char* file, int line) {
+  Launch& l = launch_state();
+  Fiber& f = self();
+  f.state = State::at_barrier;
+  f.barrier_file = file;
+  f.barrier_line = line;
+  if (++l.at_barrier == l.num_threads) {
+    for (Fiber& other : l.fibers) {
+      if (other.barrier_line != line || std::strcmp(other.barrier_file, file) != 0) {
+        fail("divergent __syncthreads: threads wait at " + std::string(file) + ":" +
+             std::to_string(line) + " and at " + other.barrier_file + ":" +
+             std::to_string(other.barrier_line));
+      }
+    }
+    for (Fiber& other : l.fibers) other.state = State::runnable;
+    l.at_barrier = 0;
+    return;
+  }
+  yield_to_scheduler();
+}
+
+const uint64_t* warp_exchange(WarpOp op, unsigned mask, uint64_t value) {
+  Launch& l = launch_state();
+  Fiber& f = self();
+  const int lane = f.linear_id % 32;
+  const int warp_base = f.linear_id - lane;
+  if (!((mask >> lane) & 1u)) fail("warp collective with a mask that does not include the caller");
+  f.op = op;
+  f.mask = mask;
+  f.posted = value;
+  f.state = State::at_collective;
+  for (int other = 0; other < 32; ++other) {
+    if (!((mask >> other) & 1u)) continue;
+    if (warp_base + other >= l.num_threads) fail("warp collective mask names a lane beyond the block");
+    const Fiber& g = l.fibers[warp_base + other];
+    if (g.state != State::at_collective || g.mask != mask) {
+      yield_to_scheduler();  // not all there yet; the last to arrive releases everyone
+      return f.received;
+    }
+    if (g.op != op) fail("different warp collectives meet under one mask");
+  }
+  for (int dst = 0; dst < 32; ++dst) {
+    if (!((mask >> dst) & 1u)) continue;
+    Fiber& g = l.fibers[warp_base + dst];
+    for (int src = 0; src < 32; ++src) {
+      g.received[src] = ((mask >> src) & 1u) ? l.fibers[warp_base + src].posted : 0;
+    }
+    g.state = State::runnable;
+  }
+  return f.received;
+}
+
+void launch(const char* kernel_name, dim3 grid, dim3 block, size_t dynamic_smem_bytes,
+            const std::function<void()>& body) {
+  if (g_launch != nullptr) throw std::logic_error("simt: kernel launched from inside a kernel");
+  const long long threads = 1LL * block.x * block.y * block.z;
+  if (threads <= 0 || threads > 1024) {
+    throw KernelError(std::string("simt: kernel '") + kernel_name + "' launched with " +
+                      std::to_string(threads) + " threads per block (1..1024 allowed)");
+  }
+  if (grid.y > 65535 || grid.z > 65535) {
+    throw KernelError(std::string("simt: kernel '") + kernel_name + "' grid.y/z above 65535");
+  }
+  Launch l;
+  l.kernel_name = kernel_name;
+  l.grid = grid;
+  l.block = block;
+  l.body = &body;
+  l.num_threads = static_cast<int>(threads);
+  l.dynamic_smem.resize(dynamic_smem_bytes);
+  l.fibers.resize(l.num_threads);
+  // Stacks are kept between launches: allocating a thousand of them per launch costs more
+  // than running a small kernel.
+  thread_local std::vector<std::unique_ptr<char[]>> stack_pool;
+  while (stack_pool.size() < l.fibers.size()) stack_pool.emplace_back(new char[kStackBytes]);
+  for (size_t i = 0; i < l.fibers.size(); ++i) l.fibers[i].stack = stack_pool[i].get();
+
+  g_launch = &l;
+  try {
+    for (unsigned z = 0; z < grid.z; ++z)
+      for (unsigned y = 0; y < grid.y; ++y)
+        for (unsigned x = 0; x < grid.x; ++x) {
+          l.block_idx = uint3{x, y, z};
+          run_block(l);
+        }
+  } catch (...) {
+    g_launch = nullptr;
+    throw;
+  }
+  g_launch = nullptr;
+}
+
+}  // namespace simt

@@ -1,0 +1,234 @@
+// The SIMT emulator: the CUDA execution model on the CPU.
+//
+// Kernel sources under csrc/kernels/ compile unchanged with the host compiler when this
+// header comes first. Each CUDA thread of a block runs as a fiber with its own stack;
+// blocks run one after another. Barriers and warp collectives switch between fibers
+// cooperatively, so the emulator is deterministic and single-threaded: a plain
+// read-modify-write is an atomic here.
+//
+// What is checked (each a KernelError that names the kernel):
+//   - __syncthreads reached by only part of the block (others exited or wait elsewhere),
+//   - __syncthreads at different source lines in the same phase (divergent barrier),
+//   - warp collectives whose mask lacks the caller, names a missing lane, mixes
+//     different collectives or reads a lane that is not in the mask,
+//   - any deadlock (no thread can make progress).
+#pragma once
+
+#if defined(__CUDACC__)
+#error "simt.h is the CPU emulator; it must not be compiled by nvcc"
+#endif
+
+#define MOE_KERNELS_SIMT 1
+
+// CUDA keywords, defined before the toolkit headers see them.
+#define __host__
+#define __device__
+#define __global__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __restrict__ __restrict
+// One object per block: blocks run one after another on a thread, and a thread_local
+// keeps a future multi-threaded block runner correct.
+#define __shared__ static thread_local
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <driver_types.h>
+#include <vector_types.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+namespace simt {
+
+// Raised for every error the emulator detects inside a kernel.
+struct KernelError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// Per-thread (fiber) coordinates of the running kernel.
+const uint3& thread_idx();
+const uint3& block_idx();
+const dim3& block_dim();
+const dim3& grid_dim();
+
+// Runs `body` once per CUDA thread of every block of the grid.
+void launch(const char* kernel_name, dim3 grid, dim3 block, size_t dynamic_smem_bytes,
+            const std::function<void()>& body);
+
+// Dynamic shared memory of the running block (exactly the launch's byte count).
+unsigned char* dynamic_shared_memory();
+
+void syncthreads(const char* file, int line);
+
+// The warp collective primitive: every lane of `mask` posts `value` (up to 8 bytes);
+// once all have, each gets the values of all lanes of the mask. `op` names the
+// collective so that mixing two different ones is reported.
+enum class WarpOp { shfl, ballot, any, all, syncwarp };
+const uint64_t* warp_exchange(WarpOp op, unsigned mask, uint64_t value);
+int lane_id();
+[[noreturn]] void fail(const std::string& message);
+
+template <typename T>
+uint64_t to_bits(T v) {
+  static_assert(sizeof(T) <= 8, "warp shuffles move at most 8 bytes");
+  uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  return bits;
+}
+template <typename T>
+T from_bits(uint64_t bits) {
+  T v;
+  std::memcpy(&v, &bits, sizeof(T));
+  return v;
+}
+
+// Source lane of a shuffle, following the CUDA programming guide: lanes are split into
+// sections of `width`; a source outside the caller's section (above it, for up/down/xor)
+// returns the caller's own value.
+template <typename T>
+T shuffle_from(unsigned mask, T var, int src_lane, int width) {
+  const uint64_t* values = warp_exchange(WarpOp::shfl, mask, to_bits(var));
+  if (src_lane < 0) return var;
+  if (src_lane >= 32 || !((mask >> src_lane) & 1u)) {
+    fail("__shfl_*_sync reads lane " + std::to_string(src_lane) + " which is not in mask");
+  }
+  (void)width;
+  return from_bits<T>(values[src_lane]);
+}
+
+}  // namespace simt
+
+#define threadIdx (::simt::thread_idx())
+#define blockIdx (::simt::block_idx())
+#define blockDim (::simt::block_dim())
+#define gridDim (::simt::grid_dim())
+#define warpSize 32
+
+#define __syncthreads() ::simt::syncthreads(__FILE__, __LINE__)
+
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+  ::simt::warp_exchange(::simt::WarpOp::syncwarp, mask, 0);
+}
+
+template <typename T>
+T __shfl_sync(unsigned mask, T var, int src_lane, int width = 32) {
+  const int lane = ::simt::lane_id();
+  const int base = lane & ~(width - 1);
+  return ::simt::shuffle_from(mask, var, base + (src_lane & (width - 1)), width);
+}
+template <typename T>
+T __shfl_up_sync(unsigned mask, T var, unsigned delta, int width = 32) {
+  const int lane = ::simt::lane_id();
+  const int base = lane & ~(width - 1);
+  const int src = lane - static_cast<int>(delta);
+  return ::simt::shuffle_from(mask, var, src < base ? -1 : src, width);
+}
+template <typename T>
+T __shfl_down_sync(unsigned mask, T var, unsigned delta, int width = 32) {
+  const int lane = ::simt::lane_id();
+  const int base = lane & ~(width - 1);
+  const int src = lane + static_cast<int>(delta);
+  return ::simt::shuffle_from(mask, var, src >= base + width ? -1 : src, width);
+}
+template <typename T>
+T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = 32) {
+  const int lane = ::simt::lane_id();
+  const int base = lane & ~(width - 1);
+  const int src = lane ^ lane_mask;
+  return ::simt::shuffle_from(mask, var, src >= base + width ? -1 : src, width);
+}
+
+namespace simt {
+inline unsigned vote(WarpOp op, unsigned mask, int predicate) {
+  const uint64_t* values = warp_exchange(op, mask, predicate ? 1 : 0);
+  unsigned ballot = 0;
+  for (int lane = 0; lane < 32; ++lane) {
+    if (((mask >> lane) & 1u) && values[lane]) ballot |= 1u << lane;
+  }
+  return ballot;
+}
+}  // namespace simt
+
+inline unsigned __ballot_sync(unsigned mask, int predicate) {
+  return ::simt::vote(::simt::WarpOp::ballot, mask, predicate);
+}
+inline int __any_sync(unsigned mask, int predicate) {
+  return ::simt::vote(::simt::WarpOp::any, mask, predicate) != 0;
+}
+inline int __all_sync(unsigned mask, int predicate) {
+  return ::simt::vote(::simt::WarpOp::all, mask, predicate) == mask;
+}
+
+// Atomics: fibers switch only at barriers and collectives, so these are atomic as is.
+template <typename T>
+T atomicAdd(T* address, T value) {
+  T old = *address;
+  *address = old + value;
+  return old;
+}
+template <typename T>
+T atomicSub(T* address, T value) {
+  T old = *address;
+  *address = old - value;
+  return old;
+}
+template <typename T>
+T atomicMax(T* address, T value) {
+  T old = *address;
+  *address = std::max(old, value);
+  return old;
+}
+template <typename T>
+T atomicMin(T* address, T value) {
+  T old = *address;
+  *address = std::min(old, value);
+  return old;
+}
+template <typename T>
+T atomicExch(T* address, T value) {
+  T old = *address;
+  *address = value;
+  return old;
+}
+template <typename T>
+T atomicCAS(T* address, T compare, T value) {
+  T old = *address;
+  if (old == compare) *address = value;
+  return old;
+}
+
+template <typename T>
+T __ldg(const T* address) {
+  return *address;
+}
+
+// Device intrinsics used by our kernels, with their exact (not approximate) host values.
+inline float __expf(float x) { return std::exp(x); }
+inline float __logf(float x) { return std::log(x); }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline float __saturatef(float x) { return std::min(1.0f, std::max(0.0f, x)); }
+inline unsigned __float_as_uint(float x) { return simt::from_bits<unsigned>(simt::to_bits(x)); }
+inline float __uint_as_float(unsigned x) { return simt::from_bits<float>(simt::to_bits(x)); }
+inline int __float_as_int(float x) { return simt::from_bits<int>(simt::to_bits(x)); }
+inline float __int_as_float(int x) { return simt::from_bits<float>(simt::to_bits(x)); }
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
+inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz(static_cast<unsigned>(x)); }
+inline int __ffs(int x) { return __builtin_ffs(x); }
+template <typename T>
+T min(T a, T b) {
+  return a < b ? a : b;
+}
+template <typename T>
+T max(T a, T b) {
+  return a < b ? b : a;
+}
