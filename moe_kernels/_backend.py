@@ -43,7 +43,8 @@ def _missing_reason(name, exc):
     try:
         from . import _build_info
     except ImportError:
-        return f"{exc} (moe_kernels was not built; install it with pip)"
+        return (f"{exc}: {__package__} at {os.path.dirname(__file__)} has no built extensions "
+                "(install it with pip, or build in place: python setup.py build_ext --inplace)")
     if name == "cuda" and not _build_info.cuda_built:
         return f"it was not built: {_build_info.cuda_reason}"
     return str(exc)

@@ -40,7 +40,7 @@ inline cudaStream_t current_stream(const at::Tensor&) { return nullptr; }
 #define MOE_CHECK_TYPE(cond, arg, ...) TORCH_CHECK_TYPE(cond, arg, ": ", __VA_ARGS__)
 
 inline void check_device(const at::Tensor& t, const char* arg) {
-  MOE_CHECK_VALUE(t.is_cuda() == kTargetIsCuda, arg, "expected a ",
+  MOE_CHECK_VALUE(kTargetIsCuda ? t.is_cuda() : t.is_cpu(), arg, "expected a ",
                   kTargetIsCuda ? "CUDA" : "CPU", " tensor for the ", kTargetName,
                   " backend, got one on ", t.device());
 }
