@@ -78,3 +78,21 @@ def test_broken_kernels_refused_on_gpu():
 def test_emulator_rejects_bad_launches():
     with pytest.raises(ValueError, match="block: expected a power of two"):
         native("simt").testing.block_sum(torch.ones(4), 3)
+
+
+def test_asan_catches_out_of_bounds_write():
+    """Under the AddressSanitizer build (CI), an out-of-bounds index in a kernel kills the
+    process with a report; this test runs that kernel in a child process."""
+    import subprocess
+    import sys
+
+    from moe_kernels import _build_info
+
+    if _build_info.simt_sanitize != "address":
+        pytest.skip("needs the AddressSanitizer build of _simt (MOE_KERNELS_SANITIZE=address)")
+    code = ("import torch; from moe_kernels import _simt; "
+            "_simt.testing.broken(4, torch.zeros(64))")
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert child.returncode != 0
+    assert "AddressSanitizer: heap-buffer-overflow" in child.stderr
+    assert "broken_kernel" in child.stderr

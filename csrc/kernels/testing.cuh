@@ -113,6 +113,9 @@ __global__ void broken_kernel(int mode, float* out) {
   } else if (mode == 3) {
     if (threadIdx.x % 2) return;
     out[threadIdx.x] = __shfl_xor_sync(kFullMask, 1.f, 2);
+  } else if (mode == 4) {
+    out[threadIdx.x + 1] = 1.f;  // thread 63 writes one past the end
+    return;
   }
   out[threadIdx.x] = 1.f;
 }

@@ -24,7 +24,8 @@ void launch_block_reverse(const float* in, float* out, int64_t n, int block, cud
 // Kernels that break the rules on purpose; the emulator must reject them.
 // mode 0: __syncthreads inside `if (threadIdx.x < 16)`; 1: half the block exits before
 // a __syncthreads; 2: two different __syncthreads call sites; 3: a shuffle whose mask
-// misses lanes that exited.
+// misses lanes that exited; 4: a write one element past the end of `out` (64 elements),
+// which AddressSanitizer must catch.
 void launch_broken(int mode, float* out, cudaStream_t stream);
 
 }  // namespace testing
