@@ -13,6 +13,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   m.def("topk_gating", &moe::topk_gating, "Fused softmax top-k gating", py::arg("logits"),
         py::arg("k"), py::arg("renormalize"));
+  m.def("permute", &moe::permute, "Token permutation into expert-contiguous rows", py::arg("x"),
+        py::arg("ids"), py::arg("weights"), py::arg("num_experts"), py::arg("capacity"),
+        py::arg("align"), py::arg("drop_by_weight"), py::arg("expert_begin"),
+        py::arg("expert_end"));
+  m.def("unpermute", &moe::unpermute, "Weighted sum of each token's permuted rows",
+        py::arg("y_perm"), py::arg("row_map"), py::arg("weights"));
+  m.def("unpermute_backward", &moe::unpermute_backward, "Gradients of unpermute",
+        py::arg("grad_y"), py::arg("y_perm"), py::arg("row_map"), py::arg("weights"),
+        py::arg("need_grad_y_perm"), py::arg("need_grad_weights"));
 
   py::module_ t = m.def_submodule("testing", "kernels that test the execution model");
   t.def("block_sum", &moe::testing::block_sum, py::arg("x"), py::arg("block"));

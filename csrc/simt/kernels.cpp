@@ -2,4 +2,5 @@
 #include "simt.h"
 
 #include "../kernels/gating.cuh"
+#include "../kernels/permute.cuh"
 #include "../kernels/testing.cuh"

@@ -3,12 +3,26 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <tuple>
 
 namespace moe {
 
 std::tuple<at::Tensor, at::Tensor> topk_gating(const at::Tensor& logits, int64_t k,
                                                bool renormalize);
+
+// Token permutation; capacity -1 means dropless. Returns (x_perm, row_map, offsets,
+// num_rows, weights_perm or None).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> permute(
+    const at::Tensor& x, const at::Tensor& ids, const std::optional<at::Tensor>& weights,
+    int64_t num_experts, int64_t capacity, int64_t align, bool drop_by_weight,
+    int64_t expert_begin, int64_t expert_end);
+at::Tensor unpermute(const at::Tensor& y_perm, const at::Tensor& row_map,
+                     const std::optional<at::Tensor>& weights);
+// (grad_y_perm, grad_weights), each computed only when asked for.
+std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> unpermute_backward(
+    const at::Tensor& grad_y, const at::Tensor& y_perm, const at::Tensor& row_map,
+    const std::optional<at::Tensor>& weights, bool need_grad_y_perm, bool need_grad_weights);
 
 namespace testing {
 at::Tensor block_sum(const at::Tensor& x, int64_t block);

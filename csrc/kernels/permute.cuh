@@ -1,0 +1,609 @@
+// Token permutation (permute / unpermute) kernels.
+//
+// Index stage, over the assignments a = t * k + j in (token, slot) order, cut into tiles
+// of kPermuteTile assignments:
+//   count   one block per tile: per local expert, how many of the tile's assignments
+//           go to it (shared-memory integer counters: the totals do not depend on the
+//           order of the increments).
+//   offsets one block: per expert, an exclusive scan of its tile counts (the rank of the
+//           tile's first assignment inside the expert), then a scan over the experts for
+//           the segment starts, offsets, num_rows and seg_fill.
+//   place   one warp per tile walks the tile in order, 32 assignments per round; lanes
+//           going to the same expert find each other with ballots over the expert's bits,
+//           so an assignment's rank inside its expert is exact (token, slot) order.
+//   select  (capacity with drop_policy "weight") one block per local expert: a radix
+//           select of the capacity-th largest weight, then a block scan that keeps the
+//           winners in (token, slot) order.
+// Row stage: scatter_rows reads each token's row once and writes it to its k rows;
+// gather_rows (unpermute) reads the k rows of a token and writes the fp32 sum once.
+#pragma once
+
+#include "common/launch.cuh"
+#include "common/memory.cuh"
+#include "common/reduce.cuh"
+#include "permute.h"
+
+namespace moe {
+namespace permute {
+
+// ---------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------
+
+__host__ __device__ __forceinline__ int64_t round_up(int64_t value, int64_t multiple) {
+  return (value + multiple - 1) / multiple * multiple;
+}
+
+// Workspace of the index stage, carved from one buffer (all int32: T * k < 2^31).
+struct IndexWorkspace {
+  int32_t* tile_counts;  // [E][num_tiles]: counts, then exclusive bases after `offsets`
+  int32_t* counts;       // [E]: assignments of each local expert
+  int32_t* list_start;   // [E]: exclusive scan of counts (start in `sorted`)
+  int32_t* sorted;       // [T * k]: assignments grouped by local expert (weight policy)
+  int num_tiles;
+};
+
+__host__ __device__ inline int permute_num_tiles(int64_t num_assignments) {
+  return static_cast<int>((num_assignments + kPermuteTile - 1) / kPermuteTile);
+}
+
+inline IndexWorkspace index_workspace(void* base, int64_t num_assignments, int num_experts) {
+  IndexWorkspace w;
+  w.num_tiles = permute_num_tiles(num_assignments);
+  int32_t* p = static_cast<int32_t*>(base);
+  w.tile_counts = p;
+  p += static_cast<int64_t>(num_experts) * w.num_tiles;
+  w.counts = p;
+  p += num_experts;
+  w.list_start = p;
+  p += num_experts;
+  w.sorted = p;
+  return w;
+}
+
+// Maps a weight to an unsigned key whose order is the weights' order: NaN ranks as -inf,
+// -0 equals +0 (the reference does the same with nan_to_num and a stable sort).
+__device__ __forceinline__ uint32_t weight_key(float x) {
+  if (x != x) x = -INFINITY;
+  if (x == 0.f) x = 0.f;
+  const uint32_t u = __float_as_uint(x);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// Exclusive prefix sum over the BLOCK threads of a block (every thread must call it);
+// `total` receives the sum over the block. `warp_totals` holds BLOCK / 32 entries.
+template <int BLOCK>
+__device__ __forceinline__ int64_t block_exclusive_scan(int64_t value, int64_t* warp_totals,
+                                                        int64_t* total) {
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  int64_t inclusive = value;
+#pragma unroll
+  for (int offset = 1; offset < 32; offset *= 2) {
+    const int64_t up = __shfl_up_sync(kFullMask, inclusive, offset);
+    if (lane >= offset) inclusive += up;
+  }
+  if (lane == 31) warp_totals[warp] = inclusive;
+  __syncthreads();
+  int64_t before = 0;
+  int64_t all = 0;
+#pragma unroll
+  for (int w = 0; w < BLOCK / 32; ++w) {
+    const int64_t t = warp_totals[w];
+    before += w < warp ? t : 0;
+    all += t;
+  }
+  __syncthreads();  // warp_totals is reused by the next scan
+  *total = all;
+  return before + inclusive - value;
+}
+
+// 16-byte row chunks moved as raw bits (a permutation never converts).
+template <typename T>
+union Chunk16 {
+  uint4 raw;
+  T elems[Vec16<T>::size];
+};
+
+template <typename T>
+__device__ __forceinline__ Chunk16<T> load_chunk(const T* src) {
+  Chunk16<T> c;
+  c.raw = *reinterpret_cast<const uint4*>(src);
+  return c;
+}
+
+template <typename T>
+__device__ __forceinline__ void store_chunk(T* dst, const Chunk16<T>& c) {
+  *reinterpret_cast<uint4*>(dst) = c.raw;
+}
+
+// a * b rounded on its own, never fused into a following add: the sums of unpermute and
+// the scaled rows then round exactly as PyTorch's separate mul and add kernels do.
+__device__ __forceinline__ float mul_rn(float a, float b) {
+#if defined(MOE_KERNELS_SIMT)
+  return a * b;  // the host build targets no FMA instructions
+#else
+  return __fmul_rn(a, b);
+#endif
+}
+
+// ---------------------------------------------------------------------------------------
+// Index stage
+// ---------------------------------------------------------------------------------------
+
+constexpr int kCountThreads = 256;
+constexpr int kOffsetsThreads = 1024;
+constexpr int kSelectThreads = 256;
+
+__global__ void __launch_bounds__(kCountThreads)
+    permute_count_kernel(PermuteIndexParams p, IndexWorkspace w) {
+  int32_t* counts = dynamic_smem<int32_t>();
+  const int num_local = p.expert_end - p.expert_begin;
+  for (int l = threadIdx.x; l < num_local; l += blockDim.x) counts[l] = 0;
+  __syncthreads();
+  const int64_t n = p.num_tokens * p.k;
+  const int64_t begin = static_cast<int64_t>(blockIdx.x) * kPermuteTile;
+  const int64_t end = min(begin + kPermuteTile, n);
+  for (int64_t a = begin + threadIdx.x; a < end; a += blockDim.x) {
+    const int e = p.ids[a];
+    // Out-of-range ids are never local: they are dropped, never indexed.
+    if (e >= p.expert_begin && e < p.expert_end) atomicAdd(&counts[e - p.expert_begin], 1);
+  }
+  __syncthreads();
+  for (int l = threadIdx.x; l < num_local; l += blockDim.x) {
+    w.tile_counts[static_cast<int64_t>(l) * w.num_tiles + blockIdx.x] = counts[l];
+  }
+}
+
+__global__ void __launch_bounds__(kOffsetsThreads)
+    permute_offsets_kernel(PermuteIndexParams p, IndexWorkspace w) {
+  int32_t* counts = dynamic_smem<int32_t>();  // [num_local]
+  __shared__ int64_t warp_totals[kOffsetsThreads / 32];
+  const int num_local = p.expert_end - p.expert_begin;
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+
+  // 1. One warp per local expert: exclusive scan of its tile counts, in place.
+  for (int l = warp; l < num_local; l += kOffsetsThreads / 32) {
+    int32_t* tiles = w.tile_counts + static_cast<int64_t>(l) * w.num_tiles;
+    int32_t carry = 0;
+    for (int base = 0; base < w.num_tiles; base += 32) {
+      const int b = base + lane;
+      const int32_t c = b < w.num_tiles ? tiles[b] : 0;
+      int32_t inclusive = c;
+#pragma unroll
+      for (int offset = 1; offset < 32; offset *= 2) {
+        const int32_t up = __shfl_up_sync(kFullMask, inclusive, offset);
+        if (lane >= offset) inclusive += up;
+      }
+      if (b < w.num_tiles) tiles[b] = carry + inclusive - c;
+      carry += __shfl_sync(kFullMask, inclusive, 31);
+    }
+    if (lane == 0) {
+      counts[l] = carry;
+      w.counts[l] = carry;
+    }
+  }
+  __syncthreads();
+
+  // 2. Scans over all E experts: each thread takes a run of consecutive experts.
+  const int E = p.num_experts;
+  const int per_thread = (E + kOffsetsThreads - 1) / kOffsetsThreads;
+  const int first = threadIdx.x * per_thread;
+  const int last = min(first + per_thread, E);
+  const bool dropless = p.capacity < 0;
+  const int64_t slot_rows = dropless ? 0 : round_up(p.capacity, p.align);
+  auto count_of = [&](int e) -> int64_t {
+    return (e >= p.expert_begin && e < p.expert_end) ? counts[e - p.expert_begin] : 0;
+  };
+  auto rows_of = [&](int e) -> int64_t {  // segment size
+    if (e < p.expert_begin || e >= p.expert_end) return 0;
+    return dropless ? round_up(count_of(e), p.align) : slot_rows;
+  };
+  auto kept_of = [&](int e) -> int64_t {
+    return dropless ? count_of(e) : min(count_of(e), p.capacity);
+  };
+  int64_t my_rows = 0, my_count = 0, my_kept = 0;
+  for (int e = first; e < last; ++e) {
+    my_rows += rows_of(e);
+    my_count += count_of(e);
+    my_kept += kept_of(e);
+  }
+  int64_t total_rows, total_count, total_kept;
+  int64_t row = block_exclusive_scan<kOffsetsThreads>(my_rows, warp_totals, &total_rows);
+  int64_t listed = block_exclusive_scan<kOffsetsThreads>(my_count, warp_totals, &total_count);
+  block_exclusive_scan<kOffsetsThreads>(my_kept, warp_totals, &total_kept);
+  for (int e = first; e < last; ++e) {
+    p.offsets[e] = row;
+    p.seg_fill[e] = row + kept_of(e);
+    if (e >= p.expert_begin && e < p.expert_end) {
+      w.list_start[e - p.expert_begin] = static_cast<int32_t>(listed);
+    }
+    row += rows_of(e);
+    listed += count_of(e);
+  }
+  if (threadIdx.x == 0) {
+    p.offsets[E] = total_rows;
+    p.num_rows[0] = total_kept;
+  }
+}
+
+__global__ void __launch_bounds__(32) permute_place_kernel(PermuteIndexParams p, IndexWorkspace w) {
+  int32_t* placed = dynamic_smem<int32_t>();  // [num_local]: placed so far in this tile
+  const int num_local = p.expert_end - p.expert_begin;
+  const int lane = threadIdx.x;
+  for (int l = lane; l < num_local; l += 32) placed[l] = 0;
+  __syncwarp();
+  // Keys 0..num_local (num_local: not local) fit in `bits` bits.
+  const int bits = 32 - __clz(num_local);
+  const int64_t n = p.num_tokens * p.k;
+  const int64_t begin = static_cast<int64_t>(blockIdx.x) * kPermuteTile;
+  const int64_t end = min(begin + kPermuteTile, n);
+  const unsigned lanes_below = (1u << lane) - 1u;
+  for (int64_t round = begin; round < end; round += 32) {
+    const int64_t a = round + lane;
+    const bool in_range = a < end;
+    const int e = in_range ? p.ids[a] : -1;
+    const bool local = e >= p.expert_begin && e < p.expert_end;
+    const int key = local ? e - p.expert_begin : num_local;
+    // The lanes of this round with the same key (a __match_any_sync built from ballots).
+    unsigned peers = kFullMask;
+    for (int bit = 0; bit < bits; ++bit) {
+      const int mine = (key >> bit) & 1;
+      const unsigned ones = __ballot_sync(kFullMask, mine);
+      peers &= mine ? ones : ~ones;
+    }
+    const int before = __popc(peers & lanes_below);
+    const int32_t rank_in_tile = local ? placed[key] + before : 0;
+    __syncwarp();  // every lane has read `placed` before the leaders update it
+    if (local && before == 0) placed[key] += __popc(peers);
+    __syncwarp();
+    if (!in_range) continue;
+    int64_t row = -1;
+    if (local) {
+      const int64_t rank = w.tile_counts[static_cast<int64_t>(key) * w.num_tiles + blockIdx.x] +
+                           rank_in_tile;
+      if (p.drop_by_weight && p.capacity >= 0) {
+        w.sorted[w.list_start[key] + rank] = static_cast<int32_t>(a);
+        continue;  // the select kernel writes this row_map entry
+      }
+      if (p.capacity < 0 || rank < p.capacity) row = p.offsets[e] + rank;
+    }
+    p.row_map[a] = row;
+    if (row >= 0 && p.weights_out != nullptr) p.weights_out[row] = p.weights[a];
+  }
+}
+
+__global__ void __launch_bounds__(kSelectThreads)
+    permute_select_kernel(PermuteIndexParams p, IndexWorkspace w) {
+  __shared__ int32_t histogram[256];
+  __shared__ int64_t choice[2];  // digit, still to keep among keys equal to the prefix
+  __shared__ int64_t warp_totals[kSelectThreads / 32];
+  const int l = blockIdx.x;
+  const int tid = threadIdx.x;
+  const int64_t n = w.counts[l];
+  const int32_t* items = w.sorted + w.list_start[l];
+  const int64_t segment = p.offsets[p.expert_begin + l];
+
+  // Keep keys above `threshold` and the first `keep_equal` keys equal to it (list order
+  // is (token, slot) order, so ties keep the lower assignment).
+  uint32_t threshold = 0;
+  int64_t keep_equal = n;
+  if (n > p.capacity) {
+    uint32_t prefix = 0;
+    int64_t need = p.capacity;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+      const uint32_t high = shift == 24 ? 0u : (0xffffffffu << (shift + 8));
+      histogram[tid] = 0;
+      __syncthreads();
+      for (int64_t i = tid; i < n; i += kSelectThreads) {
+        const uint32_t key = weight_key(p.weights[items[i]]);
+        if ((key & high) == prefix) atomicAdd(&histogram[(key >> shift) & 255u], 1);
+      }
+      __syncthreads();
+      if (tid == 0) {  // the digit of the need-th largest key, from the top
+        int64_t above = 0;
+        int digit = 255;
+        for (; digit > 0; --digit) {
+          if (above + histogram[digit] >= need) break;
+          above += histogram[digit];
+        }
+        choice[0] = digit;
+        choice[1] = need - above;
+      }
+      __syncthreads();
+      prefix |= static_cast<uint32_t>(choice[0]) << shift;
+      need = choice[1];
+      __syncthreads();  // choice is rewritten in the next pass
+    }
+    threshold = prefix;
+    keep_equal = need;
+  }
+
+  int64_t equal_before = 0, kept_before = 0;
+  for (int64_t base = 0; base < n; base += kSelectThreads) {
+    const int64_t i = base + tid;
+    const bool in_range = i < n;
+    const int32_t a = in_range ? items[i] : 0;
+    const uint32_t key = in_range ? weight_key(p.weights[a]) : 0;
+    const bool equal = in_range && key == threshold;
+    int64_t equal_total, kept_total;
+    const int64_t equal_rank =
+        equal_before + block_exclusive_scan<kSelectThreads>(equal, warp_totals, &equal_total);
+    const bool kept = in_range && (key > threshold || (equal && equal_rank < keep_equal));
+    const int64_t kept_rank =
+        kept_before + block_exclusive_scan<kSelectThreads>(kept, warp_totals, &kept_total);
+    if (in_range) {
+      p.row_map[a] = kept ? segment + kept_rank : -1;
+      if (kept && p.weights_out != nullptr) p.weights_out[segment + kept_rank] = p.weights[a];
+    }
+    equal_before += equal_total;
+    kept_before += kept_total;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Row stage
+// ---------------------------------------------------------------------------------------
+
+constexpr int kRowThreads = 128;
+
+// Threads per row: enough for one unit (16-byte chunk, or element on the scalar path)
+// each, a power of two up to the block.
+inline int row_group_threads(int64_t units) {
+  int g = 1;
+  while (g < units && g < kRowThreads) g *= 2;
+  return g;
+}
+
+// True when row r of x_perm holds no token: past the segments, or in the padding / unused
+// capacity at the end of its segment.
+__device__ __forceinline__ bool holds_no_token(const ScatterRowsParams& p, int64_t r) {
+  if (r >= p.offsets[p.num_experts]) return true;
+  int lo = 0, hi = p.num_experts - 1;  // the last expert whose segment starts at or before r
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (p.offsets[mid] <= r) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return r >= p.seg_fill[lo];
+}
+
+template <typename T>
+__device__ __forceinline__ Chunk16<T> scale_chunk(Chunk16<T> c, float s) {
+#pragma unroll
+  for (int i = 0; i < Vec16<T>::size; ++i) c.elems[i] = from_float<T>(mul_rn(s, to_float(c.elems[i])));
+  return c;
+}
+
+// Blocks [0, token_blocks) scatter tokens; the blocks after them zero-fill rows.
+template <typename T>
+__global__ void __launch_bounds__(kRowThreads)
+    scatter_rows_kernel(ScatterRowsParams p, int group_threads, bool vector_path,
+                        unsigned token_blocks) {
+  constexpr int V = Vec16<T>::size;
+  const int groups = kRowThreads / group_threads;
+  const int g = threadIdx.x % group_threads;
+  const bool scatter = blockIdx.x < token_blocks;
+  const int64_t item = static_cast<int64_t>(scatter ? blockIdx.x : blockIdx.x - token_blocks) * groups +
+                       threadIdx.x / group_threads;
+  const int64_t H = p.hidden;
+  T* out = static_cast<T*>(p.out);
+
+  if (scatter) {
+    const int64_t t = item;
+    if (t >= p.num_tokens) return;
+    const T* src = static_cast<const T*>(p.x) + t * H;
+    const int64_t* rows = p.row_map + t * p.k;
+    const float* scale = p.scale != nullptr ? p.scale + t * p.k : nullptr;
+    if (vector_path) {
+      for (int64_t c = g; c < H / V; c += group_threads) {
+        const Chunk16<T> v = load_chunk(src + c * V);  // read once, written k times
+        for (int j = 0; j < p.k; ++j) {
+          const int64_t r = __ldg(rows + j);
+          if (r < 0 || r >= p.num_out_rows) continue;
+          store_chunk(out + r * H + c * V, scale != nullptr ? scale_chunk(v, __ldg(scale + j)) : v);
+        }
+      }
+    } else {
+      for (int64_t i = g; i < H; i += group_threads) {
+        const T v = src[i];
+        for (int j = 0; j < p.k; ++j) {
+          const int64_t r = __ldg(rows + j);
+          if (r < 0 || r >= p.num_out_rows) continue;
+          out[r * H + i] = scale != nullptr ? from_float<T>(mul_rn(__ldg(scale + j), to_float(v))) : v;
+        }
+      }
+    }
+    return;
+  }
+
+  const int64_t r = item;
+  if (r >= p.num_out_rows || !holds_no_token(p, r)) return;
+  T* dst = out + r * H;
+  if (vector_path) {
+    Chunk16<T> zero;
+    zero.raw.x = zero.raw.y = zero.raw.z = zero.raw.w = 0u;
+    for (int64_t c = g; c < H / V; c += group_threads) store_chunk(dst + c * V, zero);
+  } else {
+    for (int64_t i = g; i < H; i += group_threads) dst[i] = from_float<T>(0.f);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kRowThreads)
+    gather_rows_kernel(GatherRowsParams p, int group_threads, bool vector_path) {
+  constexpr int V = Vec16<T>::size;
+  const int groups = kRowThreads / group_threads;
+  const int g = threadIdx.x % group_threads;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * groups + threadIdx.x / group_threads;
+  if (t >= p.num_tokens) return;
+  const int64_t H = p.hidden;
+  const T* in = static_cast<const T*>(p.in);
+  T* dst = static_cast<T*>(p.out) + t * H;
+  const int64_t* rows = p.row_map + t * p.k;
+  const float* weights = p.weights != nullptr ? p.weights + t * p.k : nullptr;
+  if (vector_path) {
+    for (int64_t c = g; c < H / V; c += group_threads) {
+      float acc[V];
+#pragma unroll
+      for (int i = 0; i < V; ++i) acc[i] = 0.f;
+      for (int j = 0; j < p.k; ++j) {  // fixed j order: the sum is reproducible
+        const int64_t r = __ldg(rows + j);
+        if (r < 0 || r >= p.num_in_rows) continue;
+        float v[V];
+        load_vec16_as_float(in + r * H + c * V, v);
+        if (weights != nullptr) {
+          const float w = __ldg(weights + j);
+#pragma unroll
+          for (int i = 0; i < V; ++i) acc[i] += mul_rn(w, v[i]);
+        } else {
+#pragma unroll
+          for (int i = 0; i < V; ++i) acc[i] += v[i];
+        }
+      }
+      Chunk16<T> result;
+#pragma unroll
+      for (int i = 0; i < V; ++i) result.elems[i] = from_float<T>(acc[i]);
+      store_chunk(dst + c * V, result);
+    }
+  } else {
+    for (int64_t i = g; i < H; i += group_threads) {
+      float acc = 0.f;
+      for (int j = 0; j < p.k; ++j) {
+        const int64_t r = __ldg(rows + j);
+        if (r < 0 || r >= p.num_in_rows) continue;
+        const float v = to_float(in[r * H + i]);
+        acc += weights != nullptr ? mul_rn(__ldg(weights + j), v) : v;
+      }
+      dst[i] = from_float<T>(acc);
+    }
+  }
+}
+
+// One warp per token; the k dot products one after another.
+constexpr int kDotThreads = 128;
+
+template <typename T>
+__global__ void __launch_bounds__(kDotThreads) row_dot_kernel(RowDotParams p, bool vector_path) {
+  constexpr int V = Vec16<T>::size;
+  const int lane = threadIdx.x % 32;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * (kDotThreads / 32) + threadIdx.x / 32;
+  if (t >= p.num_tokens) return;  // whole warps leave together
+  const int64_t H = p.hidden;
+  const T* a = static_cast<const T*>(p.a) + t * H;
+  const T* b_base = static_cast<const T*>(p.b);
+  for (int j = 0; j < p.k; ++j) {
+    const int64_t r = __ldg(p.row_map + t * p.k + j);
+    const bool valid = r >= 0 && r < p.num_b_rows;
+    float dot = 0.f;
+    if (valid) {
+      const T* b = b_base + r * H;
+      if (vector_path) {
+        for (int64_t c = lane; c < H / V; c += 32) {
+          float va[V], vb[V];
+          load_vec16_as_float(a + c * V, va);
+          load_vec16_as_float(b + c * V, vb);
+#pragma unroll
+          for (int i = 0; i < V; ++i) dot += va[i] * vb[i];
+        }
+      } else {
+        for (int64_t i = lane; i < H; i += 32) dot += to_float(a[i]) * to_float(b[i]);
+      }
+    }
+    dot = warp_allreduce<32>(dot, SumOp{});
+    if (lane == 0) p.out[t * p.k + j] = dot;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Launchers
+// ---------------------------------------------------------------------------------------
+
+inline bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+template <typename T>
+void launch_scatter_typed(const ScatterRowsParams& p, cudaStream_t stream) {
+  const bool vector_path = (p.hidden * sizeof(T)) % 16 == 0 && aligned16(p.x) && aligned16(p.out);
+  const int group = row_group_threads(vector_path ? p.hidden / Vec16<T>::size : p.hidden);
+  const int groups = kRowThreads / group;
+  const unsigned token_blocks = ceil_div(p.num_tokens, groups);
+  const unsigned fill_blocks = p.offsets != nullptr ? ceil_div(p.num_out_rows, groups) : 0;
+  LaunchConfig cfg{dim3(token_blocks + fill_blocks), dim3(kRowThreads), 0, stream};
+  launch_kernel("scatter_rows_kernel", scatter_rows_kernel<T>, cfg, p, group, vector_path,
+                token_blocks);
+}
+
+template <typename T>
+void launch_gather_typed(const GatherRowsParams& p, cudaStream_t stream) {
+  const bool vector_path = (p.hidden * sizeof(T)) % 16 == 0 && aligned16(p.in) && aligned16(p.out);
+  const int group = row_group_threads(vector_path ? p.hidden / Vec16<T>::size : p.hidden);
+  LaunchConfig cfg{dim3(ceil_div(p.num_tokens, kRowThreads / group)), dim3(kRowThreads), 0, stream};
+  launch_kernel("gather_rows_kernel", gather_rows_kernel<T>, cfg, p, group, vector_path);
+}
+
+template <typename T>
+void launch_row_dot_typed(const RowDotParams& p, cudaStream_t stream) {
+  const bool vector_path = (p.hidden * sizeof(T)) % 16 == 0 && aligned16(p.a) && aligned16(p.b);
+  LaunchConfig cfg{dim3(ceil_div(p.num_tokens, kDotThreads / 32)), dim3(kDotThreads), 0, stream};
+  launch_kernel("row_dot_kernel", row_dot_kernel<T>, cfg, p, vector_path);
+}
+
+}  // namespace permute
+
+size_t permute_index_workspace_bytes(int64_t num_tokens, int k, int num_experts) {
+  const int64_t n = num_tokens * k;
+  const int64_t ints = static_cast<int64_t>(num_experts) * permute::permute_num_tiles(n) +
+                       2 * static_cast<int64_t>(num_experts) + n;
+  return static_cast<size_t>(ints) * sizeof(int32_t);
+}
+
+void launch_permute_index(const PermuteIndexParams& p, cudaStream_t stream) {
+  if (p.num_experts < 1 || p.num_experts > kMaxPermuteExperts) {
+    throw std::invalid_argument("permute: num_experts must be in [1, 4096]");
+  }
+  if (p.expert_begin < 0 || p.expert_begin >= p.expert_end || p.expert_end > p.num_experts) {
+    throw std::invalid_argument("permute: expert range must satisfy 0 <= begin < end <= num_experts");
+  }
+  if (p.k < 1 || p.align < 1) throw std::invalid_argument("permute: k and align must be positive");
+  const int64_t n = p.num_tokens * p.k;
+  if (n >= (int64_t{1} << 31)) throw std::invalid_argument("permute: num_tokens * k must be < 2^31");
+  if (p.drop_by_weight && p.capacity >= 0 && p.weights == nullptr) {
+    throw std::invalid_argument("permute: drop by weight needs weights");
+  }
+  const permute::IndexWorkspace w = permute::index_workspace(p.workspace, n, p.num_experts);
+  const int num_local = p.expert_end - p.expert_begin;
+  const size_t counter_bytes = static_cast<size_t>(num_local) * sizeof(int32_t);
+  launch_kernel("permute_count_kernel", permute::permute_count_kernel,
+                LaunchConfig{dim3(w.num_tiles), dim3(permute::kCountThreads), counter_bytes, stream},
+                p, w);
+  // Runs even when there are no tokens: offsets and num_rows are still written.
+  launch_kernel("permute_offsets_kernel", permute::permute_offsets_kernel,
+                LaunchConfig{dim3(1), dim3(permute::kOffsetsThreads), counter_bytes, stream}, p, w);
+  launch_kernel("permute_place_kernel", permute::permute_place_kernel,
+                LaunchConfig{dim3(w.num_tiles), dim3(32), counter_bytes, stream}, p, w);
+  if (p.drop_by_weight && p.capacity >= 0) {
+    launch_kernel("permute_select_kernel", permute::permute_select_kernel,
+                  LaunchConfig{dim3(num_local), dim3(permute::kSelectThreads), 0, stream}, p, w);
+  }
+}
+
+void launch_scatter_rows(const ScatterRowsParams& p, cudaStream_t stream) {
+  if (p.num_tokens > 0 && p.k < 1) throw std::invalid_argument("scatter_rows: k must be positive");
+  if (p.hidden == 0) return;
+  MOE_DISPATCH_FLOAT_TYPES(p.dtype, T, permute::launch_scatter_typed<T>(p, stream));
+}
+
+void launch_gather_rows(const GatherRowsParams& p, cudaStream_t stream) {
+  if (p.hidden == 0) return;
+  MOE_DISPATCH_FLOAT_TYPES(p.dtype, T, permute::launch_gather_typed<T>(p, stream));
+}
+
+void launch_row_dot(const RowDotParams& p, cudaStream_t stream) {
+  MOE_DISPATCH_FLOAT_TYPES(p.dtype, T, permute::launch_row_dot_typed<T>(p, stream));
+}
+
+}  // namespace moe
