@@ -157,10 +157,13 @@ def permute(x, ids, num_experts, *, capacity=None, align=1, drop_policy="positio
     PermuteResult (named tuple)
         x : ``[M, H]``, x.dtype. Rows grouped by expert ascending, inside an expert in
             (token, slot) order; a token routed twice to one expert gets two rows, in slot
-            order. Every row that holds no token (padding, unused capacity, rows past
-            ``offsets[E]``) is zero. ``M = T*k + L*(align-1)`` dropless, ``L *
-            round_up(capacity, align)`` with a capacity, where L = end - start local
-            experts (E without expert_range): a static bound, independent of the ids.
+            order. Rows of a segment past its tokens (align padding, unused capacity) are
+            zero. Rows at or past ``offsets[E]`` belong to no segment and are left
+            unwritten (their content is unspecified): M is a static bound that can be far
+            above what the segments use, and writing it would cost bandwidth for nothing.
+            ``M = T*k + L*(align-1)`` dropless, ``L * round_up(capacity, align)`` with a
+            capacity (no rows past the segments then), where L = end - start local experts
+            (E without expert_range): independent of the ids.
         row_map : ``[T, k]`` int64, the row of assignment (t, j), or -1 (dropped or not
             local).
         offsets : ``[E + 1]`` int64, expert e's segment is ``[offsets[e], offsets[e+1])``;

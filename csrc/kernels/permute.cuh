@@ -23,6 +23,8 @@
 #include "common/reduce.cuh"
 #include "permute.h"
 
+#include <algorithm>
+
 namespace moe {
 namespace permute {
 
@@ -347,6 +349,7 @@ __global__ void __launch_bounds__(kSelectThreads)
 // ---------------------------------------------------------------------------------------
 
 constexpr int kRowThreads = 128;
+constexpr unsigned kMaxFillBlocks = 2048;
 
 // Threads per row: enough for one unit (16-byte chunk, or element on the scalar path)
 // each, a power of two up to the block.
@@ -356,22 +359,6 @@ inline int row_group_threads(int64_t units) {
   return g;
 }
 
-// True when row r of x_perm holds no token: past the segments, or in the padding / unused
-// capacity at the end of its segment.
-__device__ __forceinline__ bool holds_no_token(const ScatterRowsParams& p, int64_t r) {
-  if (r >= p.offsets[p.num_experts]) return true;
-  int lo = 0, hi = p.num_experts - 1;  // the last expert whose segment starts at or before r
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (p.offsets[mid] <= r) {
-      lo = mid;
-    } else {
-      hi = mid - 1;
-    }
-  }
-  return r >= p.seg_fill[lo];
-}
-
 template <typename T>
 __device__ __forceinline__ Chunk16<T> scale_chunk(Chunk16<T> c, float s) {
 #pragma unroll
@@ -379,7 +366,7 @@ __device__ __forceinline__ Chunk16<T> scale_chunk(Chunk16<T> c, float s) {
   return c;
 }
 
-// Blocks [0, token_blocks) scatter tokens; the blocks after them zero-fill rows.
+// Blocks [0, token_blocks) scatter tokens; the blocks after them zero the padding rows.
 template <typename T>
 __global__ void __launch_bounds__(kRowThreads)
     scatter_rows_kernel(ScatterRowsParams p, int group_threads, bool vector_path,
@@ -421,15 +408,25 @@ __global__ void __launch_bounds__(kRowThreads)
     return;
   }
 
-  const int64_t r = item;
-  if (r >= p.num_out_rows || !holds_no_token(p, r)) return;
-  T* dst = out + r * H;
-  if (vector_path) {
-    Chunk16<T> zero;
-    zero.raw.x = zero.raw.y = zero.raw.z = zero.raw.w = 0u;
-    for (int64_t c = g; c < H / V; c += group_threads) store_chunk(dst + c * V, zero);
-  } else {
-    for (int64_t i = g; i < H; i += group_threads) dst[i] = from_float<T>(0.f);
+  // Padding rows: segment e pads rows [seg_fill[e], offsets[e + 1]), at most
+  // max_padding of them; a grid-stride loop over (expert, i < max_padding). Rows at or
+  // past offsets[E] hold nothing and are not written: the static bound M can be far
+  // larger than what the segments use (small batches with large align, expert
+  // parallelism), and nothing reads them.
+  const int64_t slots = static_cast<int64_t>(p.num_experts) * p.max_padding;
+  const int64_t stride = static_cast<int64_t>(gridDim.x - token_blocks) * groups;
+  Chunk16<T> zero;
+  zero.raw.x = zero.raw.y = zero.raw.z = zero.raw.w = 0u;
+  for (int64_t slot = item; slot < slots; slot += stride) {
+    const int e = static_cast<int>(slot / p.max_padding);
+    const int64_t r = p.seg_fill[e] + slot % p.max_padding;
+    if (r >= p.offsets[e + 1] || r >= p.num_out_rows) continue;
+    T* dst = out + r * H;
+    if (vector_path) {
+      for (int64_t c = g; c < H / V; c += group_threads) store_chunk(dst + c * V, zero);
+    } else {
+      for (int64_t i = g; i < H; i += group_threads) dst[i] = from_float<T>(0.f);
+    }
   }
 }
 
@@ -531,7 +528,9 @@ void launch_scatter_typed(const ScatterRowsParams& p, cudaStream_t stream) {
   const int group = row_group_threads(vector_path ? p.hidden / Vec16<T>::size : p.hidden);
   const int groups = kRowThreads / group;
   const unsigned token_blocks = ceil_div(p.num_tokens, groups);
-  const unsigned fill_blocks = p.offsets != nullptr ? ceil_div(p.num_out_rows, groups) : 0;
+  // Enough blocks to fill the padding at full bandwidth, not one per row of the bound.
+  const int64_t padding_slots = p.offsets != nullptr ? p.num_experts * p.max_padding : 0;
+  const unsigned fill_blocks = std::min(ceil_div(padding_slots, groups), kMaxFillBlocks);
   LaunchConfig cfg{dim3(token_blocks + fill_blocks), dim3(kRowThreads), 0, stream};
   launch_kernel("scatter_rows_kernel", scatter_rows_kernel<T>, cfg, p, group, vector_path,
                 token_blocks);

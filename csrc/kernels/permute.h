@@ -7,7 +7,7 @@
 //      placement over fixed tiles of the (token, slot) order; no sort, no atomics whose
 //      order shows in a result.
 //   2. row stage (launch_scatter_rows): each token's row is read once and written to its
-//      k destination rows; rows that hold no token are written with zeros.
+//      k destination rows; padding rows inside the segments are written with zeros.
 // unpermute is launch_gather_rows; its weight gradient is launch_row_dot.
 #pragma once
 
@@ -46,8 +46,8 @@ size_t permute_index_workspace_bytes(int64_t num_tokens, int k, int num_experts)
 void launch_permute_index(const PermuteIndexParams& params, cudaStream_t stream);
 
 // out[row_map[t, j]] = scale[t, j] * x[t] (scale null: a copy) for every row_map entry in
-// [0, num_out_rows); then, when offsets is given, every row that holds no token (rows
-// r >= seg_fill[e] inside segment e, and rows >= offsets[E]) is set to zero.
+// [0, num_out_rows); then, when offsets is given, the padding rows (r >= seg_fill[e]
+// inside segment e) are set to zero. Rows at or past offsets[E] are not written.
 struct ScatterRowsParams {
   const void* x = nullptr;          // [num_tokens, hidden]
   DType dtype = DType::f32;
@@ -61,6 +61,7 @@ struct ScatterRowsParams {
   const int64_t* offsets = nullptr; // [num_experts + 1] or null: no zero fill
   const int64_t* seg_fill = nullptr;// [num_experts]
   int num_experts = 0;
+  int64_t max_padding = 0;          // padding rows per segment are at most this many
 };
 
 void launch_scatter_rows(const ScatterRowsParams& params, cudaStream_t stream);

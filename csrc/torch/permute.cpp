@@ -109,6 +109,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::optional<at::Ten
   s.offsets = p.offsets;
   s.seg_fill = p.seg_fill;
   s.num_experts = p.num_experts;
+  // Dropless: a segment pads fewer than align rows; capacity: up to its whole slot.
+  s.max_padding = capacity < 0 ? align - 1 : round_up_host(capacity, align);
   launch_scatter_rows(s, stream);
   return {x_perm, row_map, offsets, num_rows, weights_out};
 }
