@@ -96,7 +96,9 @@ CASES = (
     [dict(T=4099, H=7, E=384, k=8, dtype=torch.float32, capacity=90, drop_policy="weight",
           align=8, expert_range=(100, 300)),
      dict(T=1500, H=24, E=60, k=8, dtype=torch.float16, capacity=70, align=128),
-     dict(T=300, H=1032, E=8, k=1, dtype=torch.float32, align=8)]
+     dict(T=300, H=1032, E=8, k=1, dtype=torch.float32, align=8),
+     # > 256 assignments per expert: the weight select's scans carry across chunks.
+     dict(T=1500, H=8, E=8, k=2, dtype=torch.float32, capacity=200, drop_policy="weight")]
 )
 
 
@@ -214,6 +216,23 @@ def test_unaligned_rows_use_scalar_copies(kernel_backend):
               ids.to(device_of(kernel_backend)), 4)
     used = int(out.offsets[-1])
     assert torch.equal(out.x.cpu()[:used], reference.permute(x, ids, 4)[0][:used])
+
+
+@pytest.mark.parametrize("capacity", [1, 37, 150])
+def test_weight_ties_keep_lower_token(backend, capacity):
+    """Weights on a coarse grid tie often: the select must break ties by (token, slot)."""
+    g = torch.Generator().manual_seed(capacity)
+    ids = torch.randint(0, 3, (300, 2), generator=g, dtype=torch.int32)
+    w = torch.randint(0, 5, (300, 2), generator=g).float() / 4
+    w[::7, 0] = -w[::7, 0]  # negative weights and -0.0 too
+    x = torch.randn(300, 8)
+    dev = device_of(backend)
+    out = run(backend, moe_kernels.permute, x.to(dev), ids.to(dev), 3, capacity=capacity,
+              weights=w.to(dev), drop_policy="weight", align=4)
+    row_map, offsets, kept = naive_permute(ids, 3, capacity, 4, "weight", w)
+    assert torch.equal(out.row_map.cpu(), row_map)
+    assert torch.equal(out.offsets.cpu(), offsets)
+    assert out.num_rows.cpu().tolist() == [kept]
 
 
 def test_nan_weights_rank_last(backend):
