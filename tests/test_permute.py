@@ -418,3 +418,32 @@ def test_padding_rows_are_zero_over_dirty_memory(kernel_backend):
         out = run(kernel_backend, moe_kernels.permute, x.to(dev), ids.to(dev), 6, **kw)
         used = int(out.offsets[-1])
         assert torch.equal(out.x[:used].cpu(), ref_permute(x, ids, 6, **kw).x[:used])
+
+
+def _available_memory_bytes():
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+@pytest.mark.skipif(_available_memory_bytes() < (12 << 30),
+                    reason="needs ~4.3 GB of address space plus headroom")
+def test_row_offsets_past_2_to_the_31_elements(kernel_backend):
+    """Row r of a [M, H] tensor starts at element r*H >= 2^31: 64-bit addressing. Only the
+    touched rows are committed (torch.empty), so this costs a few MB of real memory."""
+    H = 1 << 17
+    rows = (1 << 14) + 2
+    dev = device_of(kernel_backend)
+    y_perm = torch.empty(rows, H, dtype=torch.float16, device=dev)
+    y_perm[rows - 1] = 1.5
+    y_perm[3] = 0.25
+    row_map = torch.tensor([[rows - 1, 3]], device=dev)  # (rows-1)*H > 2^31
+    assert (rows - 1) * H > 1 << 31
+    w = torch.tensor([[2.0, 4.0]], device=dev)
+    y = run(kernel_backend, moe_kernels.unpermute, y_perm, row_map, w)
+    assert torch.all(y.cpu() == 4.0)
