@@ -329,6 +329,20 @@ def test_capacity_from_factor(factor, expected):
     assert moe_kernels.capacity_from_factor(3, 1, 2, 1.0) == 2  # ceil
 
 
+@pytest.mark.parametrize("args,error,match", [
+    ((32, 2, 4, -0.5), ValueError, "factor: expected a finite number"),
+    ((32, 2, 4, float("inf")), ValueError, "factor: expected a finite number"),
+    ((32, 2, 4, "1.25"), ValueError, "factor: expected a finite number"),
+    ((32, 2, 0, 1.0), ValueError, "num_experts: expected"),
+    ((32, 0, 4, 1.0), ValueError, "k: expected"),
+    ((-1, 2, 4, 1.0), ValueError, "num_tokens: expected"),
+    ((32.0, 2, 4, 1.0), TypeError, "num_tokens: expected an int"),
+])
+def test_bad_capacity_factor_input(args, error, match):
+    with pytest.raises(error, match=match):
+        moe_kernels.capacity_from_factor(*args)
+
+
 def good_args():
     return dict(x=torch.randn(4, 8), ids=torch.randint(0, 6, (4, 2), dtype=torch.int32),
                 num_experts=6)
