@@ -83,6 +83,8 @@ def check_permute_outputs(out, x, ids, E, **kw):
 BASE = dict(T=257, H=72, E=8, k=2, dtype=torch.bfloat16)
 CASES = (
     [dict(BASE, T=t) for t in (0, 1, 3, 257)] + [dict(BASE, T=4099, H=8)] +
+    # T * k = 1024 is one index tile (the one-launch path), 1026 two tiles.
+    [dict(BASE, T=512, H=8, capacity=100), dict(BASE, T=513, H=8, capacity=100)] +
     [dict(BASE, H=h) for h in (7, 8, 1024)] + [dict(BASE, T=33, H=1024)] +
     [dict(BASE, E=e) for e in (1, 60, 256, 384)] +
     [dict(BASE, k=1), dict(BASE, k=8, E=60), dict(BASE, T=1000, H=8, E=256, k=8)] +

@@ -11,6 +11,8 @@
 //   place   one warp per tile walks the tile in order, 32 assignments per round; lanes
 //           going to the same expert find each other with ballots over the expert's bits,
 //           so an assignment's rank inside its expert is exact (token, slot) order.
+//   (with a single tile, count + offsets + place run as one block in one launch: small
+//   batches are latency-bound)
 //   select  (capacity with drop_policy "weight") one block per local expert: a radix
 //           select of the capacity-th largest weight, then a block scan that keeps the
 //           winners in (token, slot) order.
@@ -130,65 +132,33 @@ __device__ __forceinline__ float mul_rn(float a, float b) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Index stage
+// Index stage. The pieces below are shared by the multi-tile path (count, offsets and
+// place kernels) and by the one-launch path for a single tile (small batches, decode),
+// where three launches would cost more than the work.
 // ---------------------------------------------------------------------------------------
 
 constexpr int kCountThreads = 256;
 constexpr int kOffsetsThreads = 1024;
 constexpr int kSelectThreads = 256;
 
-__global__ void __launch_bounds__(kCountThreads)
-    permute_count_kernel(PermuteIndexParams p, IndexWorkspace w) {
-  int32_t* counts = dynamic_smem<int32_t>();
-  const int num_local = p.expert_end - p.expert_begin;
-  for (int l = threadIdx.x; l < num_local; l += blockDim.x) counts[l] = 0;
-  __syncthreads();
+// counts[l] = assignments of the tile going to local expert l. Every thread of the block
+// calls it; counts must be zero and the caller syncs afterwards.
+__device__ __forceinline__ void count_tile(const PermuteIndexParams& p, int32_t* counts, int tile) {
   const int64_t n = p.num_tokens * p.k;
-  const int64_t begin = static_cast<int64_t>(blockIdx.x) * kPermuteTile;
+  const int64_t begin = static_cast<int64_t>(tile) * kPermuteTile;
   const int64_t end = min(begin + kPermuteTile, n);
   for (int64_t a = begin + threadIdx.x; a < end; a += blockDim.x) {
     const int e = p.ids[a];
     // Out-of-range ids are never local: they are dropped, never indexed.
     if (e >= p.expert_begin && e < p.expert_end) atomicAdd(&counts[e - p.expert_begin], 1);
   }
-  __syncthreads();
-  for (int l = threadIdx.x; l < num_local; l += blockDim.x) {
-    w.tile_counts[static_cast<int64_t>(l) * w.num_tiles + blockIdx.x] = counts[l];
-  }
 }
 
-__global__ void __launch_bounds__(kOffsetsThreads)
-    permute_offsets_kernel(PermuteIndexParams p, IndexWorkspace w) {
-  int32_t* counts = dynamic_smem<int32_t>();  // [num_local]
-  __shared__ int64_t warp_totals[kOffsetsThreads / 32];
-  const int num_local = p.expert_end - p.expert_begin;
-  const int lane = threadIdx.x % 32;
-  const int warp = threadIdx.x / 32;
-
-  // 1. One warp per local expert: exclusive scan of its tile counts, in place.
-  for (int l = warp; l < num_local; l += kOffsetsThreads / 32) {
-    int32_t* tiles = w.tile_counts + static_cast<int64_t>(l) * w.num_tiles;
-    int32_t carry = 0;
-    for (int base = 0; base < w.num_tiles; base += 32) {
-      const int b = base + lane;
-      const int32_t c = b < w.num_tiles ? tiles[b] : 0;
-      int32_t inclusive = c;
-#pragma unroll
-      for (int offset = 1; offset < 32; offset *= 2) {
-        const int32_t up = __shfl_up_sync(kFullMask, inclusive, offset);
-        if (lane >= offset) inclusive += up;
-      }
-      if (b < w.num_tiles) tiles[b] = carry + inclusive - c;
-      carry += __shfl_sync(kFullMask, inclusive, 31);
-    }
-    if (lane == 0) {
-      counts[l] = carry;
-      w.counts[l] = carry;
-    }
-  }
-  __syncthreads();
-
-  // 2. Scans over all E experts: each thread takes a run of consecutive experts.
+// From the per-expert totals `counts` (shared memory): offsets, seg_fill, num_rows and
+// list_start. Every thread of a kOffsetsThreads block calls it.
+__device__ __forceinline__ void scan_experts(const PermuteIndexParams& p, const IndexWorkspace& w,
+                                             const int32_t* counts, int64_t* warp_totals) {
+  // Each thread takes a run of consecutive experts, all E of them (offsets has E + 1).
   const int E = p.num_experts;
   const int per_thread = (E + kOffsetsThreads - 1) / kOffsetsThreads;
   const int first = threadIdx.x * per_thread;
@@ -230,20 +200,20 @@ __global__ void __launch_bounds__(kOffsetsThreads)
   }
 }
 
-__global__ void __launch_bounds__(32) permute_place_kernel(PermuteIndexParams p, IndexWorkspace w) {
-  int32_t* placed = dynamic_smem<int32_t>();  // [num_local]: placed so far in this tile
+// One warp (lanes 0..31 of the block) places the tile's assignments in order.
+// `placed[l]` (shared) starts at the rank of the tile's first assignment to expert l.
+__device__ __forceinline__ void place_tile(const PermuteIndexParams& p, const IndexWorkspace& w,
+                                           int32_t* placed, int tile) {
   const int num_local = p.expert_end - p.expert_begin;
-  const int lane = threadIdx.x;
-  for (int l = lane; l < num_local; l += 32) placed[l] = 0;
-  __syncwarp();
+  const int lane = threadIdx.x % 32;
   // Keys 0..num_local (num_local: not local) fit in `bits` bits.
   const int bits = 32 - __clz(num_local);
   const int64_t n = p.num_tokens * p.k;
-  const int64_t begin = static_cast<int64_t>(blockIdx.x) * kPermuteTile;
+  const int64_t begin = static_cast<int64_t>(tile) * kPermuteTile;
   const int64_t end = min(begin + kPermuteTile, n);
   const unsigned lanes_below = (1u << lane) - 1u;
-  for (int64_t round = begin; round < end; round += 32) {
-    const int64_t a = round + lane;
+  for (int64_t first = begin; first < end; first += 32) {
+    const int64_t a = first + lane;
     const bool in_range = a < end;
     const int e = in_range ? p.ids[a] : -1;
     const bool local = e >= p.expert_begin && e < p.expert_end;
@@ -256,15 +226,13 @@ __global__ void __launch_bounds__(32) permute_place_kernel(PermuteIndexParams p,
       peers &= mine ? ones : ~ones;
     }
     const int before = __popc(peers & lanes_below);
-    const int32_t rank_in_tile = local ? placed[key] + before : 0;
+    const int64_t rank = local ? placed[key] + before : 0;  // rank inside the expert
     __syncwarp();  // every lane has read `placed` before the leaders update it
     if (local && before == 0) placed[key] += __popc(peers);
     __syncwarp();
     if (!in_range) continue;
     int64_t row = -1;
     if (local) {
-      const int64_t rank = w.tile_counts[static_cast<int64_t>(key) * w.num_tiles + blockIdx.x] +
-                           rank_in_tile;
       if (p.drop_by_weight && p.capacity >= 0) {
         w.sorted[w.list_start[key] + rank] = static_cast<int32_t>(a);
         continue;  // the select kernel writes this row_map entry
@@ -274,6 +242,83 @@ __global__ void __launch_bounds__(32) permute_place_kernel(PermuteIndexParams p,
     p.row_map[a] = row;
     if (row >= 0 && p.weights_out != nullptr) p.weights_out[row] = p.weights[a];
   }
+}
+
+__global__ void __launch_bounds__(kCountThreads)
+    permute_count_kernel(PermuteIndexParams p, IndexWorkspace w) {
+  int32_t* counts = dynamic_smem<int32_t>();
+  const int num_local = p.expert_end - p.expert_begin;
+  for (int l = threadIdx.x; l < num_local; l += blockDim.x) counts[l] = 0;
+  __syncthreads();
+  count_tile(p, counts, blockIdx.x);
+  __syncthreads();
+  for (int l = threadIdx.x; l < num_local; l += blockDim.x) {
+    w.tile_counts[static_cast<int64_t>(l) * w.num_tiles + blockIdx.x] = counts[l];
+  }
+}
+
+__global__ void __launch_bounds__(kOffsetsThreads)
+    permute_offsets_kernel(PermuteIndexParams p, IndexWorkspace w) {
+  int32_t* counts = dynamic_smem<int32_t>();  // [num_local]
+  __shared__ int64_t warp_totals[kOffsetsThreads / 32];
+  const int num_local = p.expert_end - p.expert_begin;
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+
+  // One warp per local expert: exclusive scan of its tile counts, in place (each tile's
+  // base rank inside the expert), and the expert's total.
+  for (int l = warp; l < num_local; l += kOffsetsThreads / 32) {
+    int32_t* tiles = w.tile_counts + static_cast<int64_t>(l) * w.num_tiles;
+    int32_t carry = 0;
+    for (int base = 0; base < w.num_tiles; base += 32) {
+      const int b = base + lane;
+      const int32_t c = b < w.num_tiles ? tiles[b] : 0;
+      int32_t inclusive = c;
+#pragma unroll
+      for (int offset = 1; offset < 32; offset *= 2) {
+        const int32_t up = __shfl_up_sync(kFullMask, inclusive, offset);
+        if (lane >= offset) inclusive += up;
+      }
+      if (b < w.num_tiles) tiles[b] = carry + inclusive - c;
+      carry += __shfl_sync(kFullMask, inclusive, 31);
+    }
+    if (lane == 0) {
+      counts[l] = carry;
+      w.counts[l] = carry;
+    }
+  }
+  __syncthreads();
+  scan_experts(p, w, counts, warp_totals);
+}
+
+__global__ void __launch_bounds__(32) permute_place_kernel(PermuteIndexParams p, IndexWorkspace w) {
+  int32_t* placed = dynamic_smem<int32_t>();  // [num_local]
+  const int num_local = p.expert_end - p.expert_begin;
+  for (int l = threadIdx.x; l < num_local; l += 32) {
+    placed[l] = w.tile_counts[static_cast<int64_t>(l) * w.num_tiles + blockIdx.x];
+  }
+  __syncwarp();
+  place_tile(p, w, placed, blockIdx.x);
+}
+
+// All of the above in one block, for a single tile (T * k <= kPermuteTile).
+__global__ void __launch_bounds__(kOffsetsThreads)
+    permute_index_one_tile_kernel(PermuteIndexParams p, IndexWorkspace w) {
+  int32_t* counts = dynamic_smem<int32_t>();  // [num_local]
+  int32_t* placed = counts + (p.expert_end - p.expert_begin);  // [num_local]
+  __shared__ int64_t warp_totals[kOffsetsThreads / 32];
+  const int num_local = p.expert_end - p.expert_begin;
+  for (int l = threadIdx.x; l < num_local; l += blockDim.x) {
+    counts[l] = 0;
+    placed[l] = 0;  // the only tile starts every expert at rank 0
+  }
+  __syncthreads();
+  count_tile(p, counts, 0);
+  __syncthreads();
+  for (int l = threadIdx.x; l < num_local; l += blockDim.x) w.counts[l] = counts[l];
+  scan_experts(p, w, counts, warp_totals);
+  __syncthreads();  // offsets and list_start (global) are visible to the block after this
+  if (threadIdx.x < 32) place_tile(p, w, placed, 0);
 }
 
 __global__ void __launch_bounds__(kSelectThreads)
@@ -576,14 +621,20 @@ void launch_permute_index(const PermuteIndexParams& p, cudaStream_t stream) {
   const permute::IndexWorkspace w = permute::index_workspace(p.workspace, n, p.num_experts);
   const int num_local = p.expert_end - p.expert_begin;
   const size_t counter_bytes = static_cast<size_t>(num_local) * sizeof(int32_t);
-  launch_kernel("permute_count_kernel", permute::permute_count_kernel,
-                LaunchConfig{dim3(w.num_tiles), dim3(permute::kCountThreads), counter_bytes, stream},
-                p, w);
-  // Runs even when there are no tokens: offsets and num_rows are still written.
-  launch_kernel("permute_offsets_kernel", permute::permute_offsets_kernel,
-                LaunchConfig{dim3(1), dim3(permute::kOffsetsThreads), counter_bytes, stream}, p, w);
-  launch_kernel("permute_place_kernel", permute::permute_place_kernel,
-                LaunchConfig{dim3(w.num_tiles), dim3(32), counter_bytes, stream}, p, w);
+  if (w.num_tiles <= 1) {
+    // Also runs with no tokens: offsets and num_rows are still written.
+    launch_kernel("permute_index_one_tile_kernel", permute::permute_index_one_tile_kernel,
+                  LaunchConfig{dim3(1), dim3(permute::kOffsetsThreads), 2 * counter_bytes, stream},
+                  p, w);
+  } else {
+    launch_kernel("permute_count_kernel", permute::permute_count_kernel,
+                  LaunchConfig{dim3(w.num_tiles), dim3(permute::kCountThreads), counter_bytes, stream},
+                  p, w);
+    launch_kernel("permute_offsets_kernel", permute::permute_offsets_kernel,
+                  LaunchConfig{dim3(1), dim3(permute::kOffsetsThreads), counter_bytes, stream}, p, w);
+    launch_kernel("permute_place_kernel", permute::permute_place_kernel,
+                  LaunchConfig{dim3(w.num_tiles), dim3(32), counter_bytes, stream}, p, w);
+  }
   if (p.drop_by_weight && p.capacity >= 0) {
     launch_kernel("permute_select_kernel", permute::permute_select_kernel,
                   LaunchConfig{dim3(num_local), dim3(permute::kSelectThreads), 0, stream}, p, w);
