@@ -161,16 +161,16 @@ def permute(x, ids, num_experts, *, capacity=None, align=1, drop_policy="positio
             zero. Rows at or past ``offsets[E]`` belong to no segment and are left
             unwritten (their content is unspecified): M is a static bound that can be far
             above what the segments use, and writing it would cost bandwidth for nothing.
-            ``M = T*k + L*(align-1)`` dropless, ``L * round_up(capacity, align)`` with a
-            capacity (no rows past the segments then), where L = end - start local experts
-            (E without expert_range): independent of the ids.
+            ``M = T*k + E*(align-1)`` dropless, ``E * round_up(capacity, align)`` with a
+            capacity: independent of the ids (with an expert_range only the local experts'
+            segments are used).
         row_map : ``[T, k]`` int64, the row of assignment (t, j), or -1 (dropped or not
             local).
         offsets : ``[E + 1]`` int64, expert e's segment is ``[offsets[e], offsets[e+1])``;
             ``offsets[E]`` = rows the segments use (padding included). Non-local experts
             have empty segments.
-        num_rows : ``[1]`` int64 (on x's device): rows that hold a token (kept local
-            assignments). With align=1 and no capacity these are rows ``[0, offsets[E])``.
+        num_rows : ``[1]`` int64 (on x's device): how many leading rows of x are valid,
+            i.e. ``offsets[E]`` (the segments, align padding included), without a host sync.
         weights : ``[M]`` float32, ``weights[t, j]`` at row ``row_map[t, j]``, 0 elsewhere;
             None without weights.
 

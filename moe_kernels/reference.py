@@ -26,11 +26,11 @@ def topk_gating(logits, k, *, renormalize=False):
     return weights, ids.to(torch.int32)
 
 
-def permute_num_rows_bound(num_tokens, k, num_local_experts, capacity, align):
+def permute_num_rows_bound(num_tokens, k, num_experts, capacity, align):
     """Rows of permute's outputs: a static bound, known without reading the ids."""
     if capacity is None:
-        return num_tokens * k + num_local_experts * (align - 1)
-    return num_local_experts * (-(-capacity // align) * align)
+        return num_tokens * k + num_experts * (align - 1)
+    return num_experts * (-(-capacity // align) * align)
 
 
 def permute(x, ids, num_experts, *, capacity=None, align=1, drop_policy="position",
@@ -42,7 +42,6 @@ def permute(x, ids, num_experts, *, capacity=None, align=1, drop_policy="positio
     """
     num_tokens, k = ids.shape
     start, end = expert_range if expert_range is not None else (0, num_experts)
-    num_local = end - start
     device = ids.device
     n = num_tokens * k
     flat = ids.reshape(-1).long()
@@ -89,7 +88,7 @@ def permute(x, ids, num_experts, *, capacity=None, align=1, drop_policy="positio
     row_map[order] = rows_sorted
     row_map = row_map.view(num_tokens, k)
 
-    num_out = permute_num_rows_bound(num_tokens, k, num_local, capacity, align)
+    num_out = permute_num_rows_bound(num_tokens, k, num_experts, capacity, align)
     kept_flat = row_map.reshape(-1) >= 0
     dest = row_map.reshape(-1)[kept_flat]
     source_token = torch.arange(n, device=device)[kept_flat] // k
@@ -97,7 +96,7 @@ def permute(x, ids, num_experts, *, capacity=None, align=1, drop_policy="positio
     weights_perm = None
     if weights is not None:
         weights_perm = weights.new_zeros(num_out).index_put((dest,), weights.reshape(-1)[kept_flat])
-    num_rows = kept_flat.sum().reshape(1)
+    num_rows = offsets[-1:].clone()
     return x_perm, row_map, offsets, num_rows, weights_perm
 
 

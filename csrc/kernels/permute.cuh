@@ -175,16 +175,14 @@ __device__ __forceinline__ void scan_experts(const PermuteIndexParams& p, const 
   auto kept_of = [&](int e) -> int64_t {
     return dropless ? count_of(e) : min(count_of(e), p.capacity);
   };
-  int64_t my_rows = 0, my_count = 0, my_kept = 0;
+  int64_t my_rows = 0, my_count = 0;
   for (int e = first; e < last; ++e) {
     my_rows += rows_of(e);
     my_count += count_of(e);
-    my_kept += kept_of(e);
   }
-  int64_t total_rows, total_count, total_kept;
+  int64_t total_rows, total_count;
   int64_t row = block_exclusive_scan<kOffsetsThreads>(my_rows, warp_totals, &total_rows);
   int64_t listed = block_exclusive_scan<kOffsetsThreads>(my_count, warp_totals, &total_count);
-  block_exclusive_scan<kOffsetsThreads>(my_kept, warp_totals, &total_kept);
   for (int e = first; e < last; ++e) {
     p.offsets[e] = row;
     p.seg_fill[e] = row + kept_of(e);
@@ -196,7 +194,7 @@ __device__ __forceinline__ void scan_experts(const PermuteIndexParams& p, const 
   }
   if (threadIdx.x == 0) {
     p.offsets[E] = total_rows;
-    p.num_rows[0] = total_kept;
+    p.num_rows[0] = total_rows;  // the valid prefix of x_perm, padding included: offsets[E]
   }
 }
 

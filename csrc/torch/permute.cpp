@@ -62,9 +62,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::optional<at::Ten
 
   const c10::DeviceGuard guard(x.device());
   const int64_t H = x.size(1);
-  const int64_t num_local = expert_end - expert_begin;
-  const int64_t M = capacity < 0 ? T * k + num_local * (align - 1)
-                                  : num_local * round_up_host(capacity, align);
+  // The static bound of the contract, from E even with an expert_range: known without the ids.
+  const int64_t M = capacity < 0 ? T * k + num_experts * (align - 1)
+                                  : num_experts * round_up_host(capacity, align);
   const auto i64 = ids.options().dtype(at::kLong);
   at::Tensor x_perm = at::empty({M, H}, x.options());
   at::Tensor row_map = at::empty({T, k}, i64);
