@@ -65,6 +65,24 @@ def test_rule_breaking_kernels_fail_loudly(mode, message):
         native("simt").testing.broken(mode, torch.zeros(64))
 
 
+def test_schedule_order_exposes_missing_barrier(monkeypatch):
+    """A race hidden by running threads in index order shows when they run in reverse."""
+    results = {}
+    for order in ("forward", "reverse", "shuffle"):
+        monkeypatch.setenv("MOE_KERNELS_SIMT_ORDER", order)
+        out = torch.zeros(64)
+        native("simt").testing.broken(5, out)
+        results[order] = out
+    neighbours = (torch.arange(64) + 1) % 64
+    # In index order thread i reads slot i+1 before thread i+1 wrote it (poisoned: NaN).
+    assert torch.isnan(results["forward"][:63]).all()
+    assert torch.equal(results["reverse"][:63], neighbours[:63].float())
+    assert not torch.equal(results["forward"].nan_to_num(-1), results["shuffle"].nan_to_num(-1))
+    monkeypatch.setenv("MOE_KERNELS_SIMT_ORDER", "sideways")
+    with pytest.raises(RuntimeError, match="MOE_KERNELS_SIMT_ORDER: expected forward, reverse or shuffle"):
+        native("simt").testing.broken(5, torch.zeros(64))
+
+
 def test_broken_kernels_refused_on_gpu():
     import moe_kernels._backend as backend
 

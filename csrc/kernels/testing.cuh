@@ -116,12 +116,18 @@ __global__ void broken_kernel(int mode, float* out) {
   } else if (mode == 4) {
     out[threadIdx.x + 1] = 1.f;  // thread 63 writes one past the end
     return;
+  } else if (mode == 5) {
+    float* buffer = dynamic_smem<float>();
+    buffer[threadIdx.x] = static_cast<float>(threadIdx.x);
+    // Missing __syncthreads: the neighbour may not have written yet.
+    out[threadIdx.x] = buffer[(threadIdx.x + 1) % 64];
+    return;
   }
   out[threadIdx.x] = 1.f;
 }
 
 void launch_broken(int mode, float* out, cudaStream_t stream) {
-  LaunchConfig cfg{dim3(1), dim3(64), 0, stream};
+  LaunchConfig cfg{dim3(1), dim3(64), 64 * sizeof(float), stream};
   launch_kernel("broken_kernel", broken_kernel, cfg, mode, out);
 }
 

@@ -25,7 +25,8 @@ void launch_block_reverse(const float* in, float* out, int64_t n, int block, cud
 // mode 0: __syncthreads inside `if (threadIdx.x < 16)`; 1: half the block exits before
 // a __syncthreads; 2: two different __syncthreads call sites; 3: a shuffle whose mask
 // misses lanes that exited; 4: a write one element past the end of `out` (64 elements),
-// which AddressSanitizer must catch.
+// which AddressSanitizer must catch; 5: a shared-memory read of a neighbour's write with
+// no barrier between (a race: its result depends on the order threads run).
 void launch_broken(int mode, float* out, cudaStream_t stream);
 
 }  // namespace testing

@@ -3,6 +3,7 @@
 
 #include <cstdlib>
 #include <memory>
+#include <random>
 #include <sstream>
 #include <vector>
 
@@ -116,6 +117,7 @@ constexpr size_t kStackBytes = 128 * 1024;
 #endif
 
 enum class State { runnable, at_barrier, at_collective, done };
+enum class Order { forward, reverse, shuffle };  // see schedule_order()
 
 struct Fiber {
   Context ctx;
@@ -138,6 +140,7 @@ struct Fiber {
 
 struct Launch {
   const char* kernel_name = "";
+  Order order = Order::forward;
   dim3 grid, block;
   uint3 block_idx{};
   const std::function<void()>* body = nullptr;
@@ -236,6 +239,36 @@ std::string describe_deadlock(const Launch& l) {
   return os.str();
 }
 
+// The order in which the scheduler resumes a block's threads. On a GPU threads between two
+// barriers run in no defined order, so a kernel whose result changes with this order has a
+// race (a missing __syncthreads or __syncwarp) that the emulator would otherwise hide by
+// always running thread 0 first. MOE_KERNELS_SIMT_ORDER=forward (default), reverse or
+// shuffle (a fixed pseudo-random order per block); CI runs the suite under two of them.
+
+Order schedule_order() {  // read at every launch, so a test can switch it
+  const char* env = std::getenv("MOE_KERNELS_SIMT_ORDER");
+  const std::string value = env ? env : "forward";
+  if (value == "forward") return Order::forward;
+  if (value == "reverse") return Order::reverse;
+  if (value == "shuffle") return Order::shuffle;
+  throw KernelError("MOE_KERNELS_SIMT_ORDER: expected forward, reverse or shuffle, got '" + value + "'");
+}
+
+std::vector<Fiber*> resume_order(Launch& l, Order kind) {
+  std::vector<Fiber*> order;
+  for (Fiber& f : l.fibers) order.push_back(&f);
+  switch (kind) {
+    case Order::forward: break;
+    case Order::reverse: std::reverse(order.begin(), order.end()); break;
+    case Order::shuffle: {
+      std::mt19937 rng(l.block_idx.x * 73856093u ^ l.block_idx.y * 19349663u ^ l.block_idx.z * 83492791u);
+      std::shuffle(order.begin(), order.end(), rng);
+      break;
+    }
+  }
+  return order;
+}
+
 void run_block(Launch& l) {
   const int n = l.num_threads;
   for (int i = 0; i < n; ++i) {
@@ -256,9 +289,11 @@ void run_block(Launch& l) {
   // Uninitialized shared memory reads as a NaN-like pattern, never as zeros.
   std::fill(l.dynamic_smem.begin(), l.dynamic_smem.end(), 0xFF);
 
+  const std::vector<Fiber*> order = resume_order(l, l.order);
   for (;;) {
     bool progressed = false, all_done = true;
-    for (Fiber& f : l.fibers) {
+    for (Fiber* fiber : order) {
+      Fiber& f = *fiber;
       if (f.state == State::runnable) {
         resume(l, f);
         progressed = true;
@@ -357,6 +392,7 @@ void launch(const char* kernel_name, dim3 grid, dim3 block, size_t dynamic_smem_
   }
   Launch l;
   l.kernel_name = kernel_name;
+  l.order = schedule_order();
   l.grid = grid;
   l.block = block;
   l.body = &body;
