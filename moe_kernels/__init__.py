@@ -5,7 +5,9 @@ the same kernels in the SIMT emulator on the CPU, or a PyTorch reference.
 """
 
 from ._backend import available_backends, use_backend
-from .gating import topk_gating
+from .gating import (expert_choice_gating, hash_gating, load_balancing_loss, router_stats,
+                     router_z_loss, topk_gating, update_routing_bias)
 
-__all__ = ["available_backends", "topk_gating", "use_backend"]
+__all__ = ["available_backends", "expert_choice_gating", "hash_gating", "load_balancing_loss",
+           "router_stats", "router_z_loss", "topk_gating", "update_routing_bias", "use_backend"]
 __version__ = "0.1.0"

@@ -2,4 +2,5 @@
 #include "simt.h"
 
 #include "../kernels/gating.cuh"
+#include "../kernels/routing.cuh"
 #include "../kernels/testing.cuh"
