@@ -66,8 +66,10 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   // dL/ds_j = a * g_j + b, the same a and b for every j.
   const float a = p.renormalize ? c / s_sum : c;
   const float b = p.renormalize ? -c * gs_sum / (s_sum * s_sum) : 0.f;
-  // For softmax: dot = sum_j dL/ds_j * s_j = a * G + b * S.
-  const float dot = a * gs_sum + b * s_sum;
+  // For softmax: dot = sum_j dL/ds_j * s_j = a * G + b * S, which is exactly 0 when
+  // renormalizing (the weights are then a softmax over the chosen logits alone): use the
+  // exact value rather than a cancellation that leaves rounding noise off the selection.
+  const float dot = p.renormalize ? 0.f : a * gs_sum;
 
   // The off-chosen gradient everywhere, then the chosen experts overwrite theirs.
   for (int e = lane; e < E; e += 32) {
