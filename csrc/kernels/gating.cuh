@@ -60,19 +60,26 @@ __global__ void __launch_bounds__(block_threads<TPT>())
 
   auto slot_expert = [&](int s) { return ((s / CHUNK) * TPT + g) * CHUNK + s % CHUNK; };
 
-  float x[VPT];
+  // The row stays in registers in its own type (half types: two per register); x(s) is
+  // slot s as float32. Padding slots hold -inf.
+  union Chunk {
+    uint4 raw;
+    T elems[CHUNK];
+  };
+  Chunk chunk[NCHUNK];
 #pragma unroll
   for (int j = 0; j < NCHUNK; ++j) {
     const int base = (j * TPT + g) * CHUNK;
     if (valid && vector_loads && base + CHUNK <= E) {
-      load_vec16_as_float(row + base, &x[j * CHUNK]);
+      chunk[j].raw = load_vec16(row + base);
     } else {
 #pragma unroll
       for (int i = 0; i < CHUNK; ++i) {
-        x[j * CHUNK + i] = (valid && base + i < E) ? to_float(row[base + i]) : -INFINITY;
+        chunk[j].elems[i] = (valid && base + i < E) ? row[base + i] : from_float<T>(-INFINITY);
       }
     }
   }
+  auto x = [&](int s) { return to_float(chunk[s / CHUNK].elems[s % CHUNK]); };
   // Slots that can never be chosen: padding past E, then experts of dropped groups.
   uint32_t excluded = 0;
 #pragma unroll
@@ -85,12 +92,12 @@ __global__ void __launch_bounds__(block_threads<TPT>())
   if (softmax) {
     row_max = -INFINITY;
 #pragma unroll
-    for (int s = 0; s < VPT; ++s) row_max = fmaxf(row_max, x[s]);
+    for (int s = 0; s < VPT; ++s) row_max = fmaxf(row_max, x(s));
     row_max = group_allreduce<TPT>(row_max, MaxOp{}, sum_scratch);
     float exp_sum = 0.f;
 #pragma unroll
     for (int s = 0; s < VPT; ++s) {
-      if (!((excluded >> s) & 1u)) exp_sum += expf(x[s] - row_max);
+      if (!((excluded >> s) & 1u)) exp_sum += expf(x(s) - row_max);
     }
     exp_sum = group_allreduce<TPT>(exp_sum, SumOp{}, sum_scratch);
     poisoned = exp_sum != exp_sum;
@@ -98,7 +105,7 @@ __global__ void __launch_bounds__(block_threads<TPT>())
   } else {
     float nan_seen = 0.f;
 #pragma unroll
-    for (int s = 0; s < VPT; ++s) nan_seen = x[s] != x[s] ? 1.f : nan_seen;
+    for (int s = 0; s < VPT; ++s) nan_seen = x(s) != x(s) ? 1.f : nan_seen;
     poisoned = group_allreduce<TPT>(nan_seen, MaxOp{}, sum_scratch) > 0.f;
   }
   auto score = [&](float v) { return softmax ? expf(v - row_max) * inv_sum : sigmoidf(v); };
@@ -106,10 +113,27 @@ __global__ void __launch_bounds__(block_threads<TPT>())
   // Selection values (see the header comment).
   float sel[VPT];
 #pragma unroll
-  for (int s = 0; s < VPT; ++s) {
-    const int e = slot_expert(s);
-    sel[s] = x[s];
-    if (p.bias != nullptr && e < E) sel[s] = score(x[s]) + __ldg(p.bias + e);
+  for (int s = 0; s < VPT; ++s) sel[s] = x(s);
+  if (p.bias != nullptr) {
+    // The bias chunk of a row chunk is CHUNK floats: 16-byte loads when aligned.
+    const bool bias_vector_loads = reinterpret_cast<uintptr_t>(p.bias) % 16 == 0 && E % 4 == 0;
+#pragma unroll
+    for (int j = 0; j < NCHUNK; ++j) {
+      const int base = (j * TPT + g) * CHUNK;
+      float b[CHUNK];
+      if (bias_vector_loads && base + CHUNK <= E) {
+#pragma unroll
+        for (int q = 0; q < CHUNK; q += 4) load_vec16_as_float(p.bias + base + q, &b[q]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < CHUNK; ++i) b[i] = base + i < E ? p.bias[base + i] : 0.f;
+      }
+#pragma unroll
+      for (int i = 0; i < CHUNK; ++i) {
+        const int s = j * CHUNK + i;
+        if (base + i < E) sel[s] = score(x(s)) + b[i];
+      }
+    }
   }
 
   if (p.num_groups > 1) {  // uniform over the block: barriers are safe here
@@ -119,7 +143,7 @@ __global__ void __launch_bounds__(block_threads<TPT>())
 #pragma unroll
     for (int s = 0; s < VPT; ++s) {
       const int e = slot_expert(s);
-      if (e < E) token_values[e] = p.bias != nullptr ? sel[s] : score(x[s]);
+      if (e < E) token_values[e] = p.bias != nullptr ? sel[s] : score(x(s));
     }
     __syncthreads();
     for (int n = g; n < p.num_groups; n += TPT) {
@@ -197,7 +221,7 @@ __global__ void __launch_bounds__(block_threads<TPT>())
     float chosen_sum = 0.f;
 #pragma unroll
     for (int s = 0; s < VPT; ++s) {
-      if ((chosen >> s) & 1u) chosen_sum += score(x[s]);
+      if ((chosen >> s) & 1u) chosen_sum += score(x(s));
     }
     chosen_sum = group_allreduce<TPT>(chosen_sum, SumOp{}, sum_scratch);
     scale = p.scaling_factor / chosen_sum;
@@ -209,7 +233,7 @@ __global__ void __launch_bounds__(block_threads<TPT>())
 #pragma unroll
   for (int s = 0; s < VPT; ++s) {
     if ((chosen >> s) & 1u) {
-      weights[rank[s]] = score(x[s]) * scale;
+      weights[rank[s]] = score(x(s)) * scale;
       ids[rank[s]] = slot_expert(s);
     }
   }
