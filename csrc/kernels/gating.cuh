@@ -149,7 +149,11 @@ __global__ void __launch_bounds__(block_threads<TPT>())
     for (int n = g; n < p.num_groups; n += TPT) {
       const float* v = token_values + n * group_size;
       float top1 = -INFINITY, top2 = -INFINITY;  // NaN counts as -inf
-      for (int i = 0; i < group_size; ++i) {
+      // Threads scan their groups from staggered starts: group_size is often a multiple of
+      // 32, and same-offset reads would all hit one shared-memory bank. The max and the
+      // top two values do not depend on the order.
+      int i = n % group_size;
+      for (int count = 0; count < group_size; ++count, i = i + 1 == group_size ? 0 : i + 1) {
         const float value = v[i];
         if (value > top1) {
           top2 = top1;
@@ -183,16 +187,20 @@ __global__ void __launch_bounds__(block_threads<TPT>())
   }
 
   // Top-k rounds (k <= eligible experts, checked by the launcher's callers).
+  // A thread's slots run in increasing expert order, so a strict 32-bit compare of the
+  // ordered bits finds its best value at the lowest index; only that one becomes a key.
   auto local_best = [&](uint32_t blocked) {
-    uint64_t best = 0;  // below every real key
+    uint32_t best_bits = 0;  // below every real value (ordered_bits(-inf) > 0)
+    int best_expert = 0;
 #pragma unroll
     for (int s = 0; s < VPT; ++s) {
-      if (!((blocked >> s) & 1u)) {
-        const uint64_t key = selection_key(sel[s], slot_expert(s));
-        best = key > best ? key : best;
+      const uint32_t bits = ordered_bits(sel[s]);
+      if (!((blocked >> s) & 1u) && bits > best_bits) {
+        best_bits = bits;
+        best_expert = slot_expert(s);
       }
     }
-    return best;
+    return best_bits == 0 ? uint64_t{0} : selection_key_from_bits(best_bits, best_expert);
   };
   uint32_t chosen = 0;
   int rank[VPT];

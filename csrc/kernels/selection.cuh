@@ -17,8 +17,11 @@ __device__ __forceinline__ uint32_t ordered_bits(float x) {
 
 // key = ordered_bits(score) << 32 | ~index: larger score first, then lower index. Every
 // real key is > 0 (ordered_bits(-inf) > 0), so 0 means "nothing".
+__device__ __forceinline__ uint64_t selection_key_from_bits(uint32_t bits, uint32_t index) {
+  return (static_cast<uint64_t>(bits) << 32) | (0xffffffffu - index);
+}
 __device__ __forceinline__ uint64_t selection_key(float score, uint32_t index) {
-  return (static_cast<uint64_t>(ordered_bits(score)) << 32) | (0xffffffffu - index);
+  return selection_key_from_bits(ordered_bits(score), index);
 }
 
 __device__ __forceinline__ uint32_t key_index(uint64_t key) {
