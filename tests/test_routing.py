@@ -371,7 +371,8 @@ def test_backward_adapter_checks():
 # Router statistics, losses and the bias update.
 
 @pytest.mark.parametrize("experts,shape", [(8, (37, 2)), (160, (257, 6)), (4096, (65, 32)),
-                                           (5000, (3000,)), (3, (0, 2))])
+                                           (5000, (3000,)), (3, (0, 2)),
+                                           (20000, (4000,))])  # > 12288: global counters
 def test_router_stats(backend, experts, shape):
     g = torch.Generator().manual_seed(experts)
     ids = torch.randint(-1, experts, shape, generator=g, dtype=torch.int32)  # -1: not counted
@@ -481,7 +482,8 @@ CHOICE_MARGIN = 1e-6
 
 
 @pytest.mark.parametrize("tokens,experts,capacity", [(16, 8, 4), (37, 60, 5), (257, 16, 40),
-                                                     (5, 8, 9), (0, 4, 3), (12, 3, 0), (600, 2, 300)])
+                                                     (5, 8, 9), (0, 4, 3), (12, 3, 0), (600, 2, 300),
+                                                     (12300, 2, 3)])  # > 12288: no smem cache
 def test_expert_choice(backend, tokens, experts, capacity):
     for dtype in DTYPES:
         logits = make_logits(tokens, experts, dtype, seed=tokens + experts)

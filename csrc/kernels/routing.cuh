@@ -88,20 +88,27 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
 }
 
 // Per-block histogram in shared memory, then one integer atomicAdd per expert and block.
-// Integer addition is associative, so the counts are the same whatever the order.
+// Integer addition is associative, so the counts are the same whatever the order. Expert
+// counts too large for shared memory count straight into global memory.
 constexpr int kStatsBlock = 256;
+constexpr int kStatsSharedExperts = 12288;  // 48 KiB of int32 counters
 __global__ void __launch_bounds__(kStatsBlock) router_stats_kernel(RouterStatsParams p) {
-  int32_t* local = dynamic_smem<int32_t>();
-  for (int e = threadIdx.x; e < p.num_experts; e += kStatsBlock) local[e] = 0;
+  const bool shared = p.num_experts <= kStatsSharedExperts;
+  int32_t* counts = shared ? dynamic_smem<int32_t>() : p.counts;
+  if (shared) {
+    for (int e = threadIdx.x; e < p.num_experts; e += kStatsBlock) counts[e] = 0;
+  }
   __syncthreads();
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kStatsBlock;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kStatsBlock + threadIdx.x; i < p.n; i += stride) {
     const int32_t e = p.ids[i];
-    if (e >= 0 && e < p.num_experts) atomicAdd(&local[e], 1);
+    if (e >= 0 && e < p.num_experts) atomicAdd(&counts[e], 1);
   }
   __syncthreads();
-  for (int e = threadIdx.x; e < p.num_experts; e += kStatsBlock) {
-    if (local[e] != 0) atomicAdd(&p.counts[e], local[e]);
+  if (shared) {
+    for (int e = threadIdx.x; e < p.num_experts; e += kStatsBlock) {
+      if (counts[e] != 0) atomicAdd(&p.counts[e], counts[e]);
+    }
   }
 }
 
@@ -128,16 +135,26 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) softmax_row_stats_kernel(
 // in rounds of a block-wide argmax over keys (probability, lower token first). Keys are
 // distinct and leave in descending order, so a thread's next candidate is its best key
 // below the last winner: no taken-mask, and only the winner's thread rescans its tokens.
+// The column's probabilities are staged in shared memory when they fit (rescans then
+// read shared memory), else recomputed from the logits.
 constexpr int kChoiceBlock = 256;
+constexpr int64_t kChoiceCachedTokens = 12288;  // 48 KiB of float32
 template <typename T>
 __global__ void __launch_bounds__(kChoiceBlock) expert_choice_kernel(ExpertChoiceParams p) {
   __shared__ uint64_t key_scratch[kChoiceBlock / 32];
   const int expert = blockIdx.x;
   const T* logits = static_cast<const T*>(p.logits);
-  auto prob = [&](int64_t t) {
+  auto compute_prob = [&](int64_t t) {
     return expf(to_float(logits[t * p.num_experts + expert]) - p.row_stats[2 * t]) *
            p.row_stats[2 * t + 1];
   };
+  const bool cached = p.num_tokens <= kChoiceCachedTokens;
+  float* cache = dynamic_smem<float>();
+  if (cached) {
+    for (int64_t t = threadIdx.x; t < p.num_tokens; t += kChoiceBlock) cache[t] = compute_prob(t);
+  }
+  // Each thread reads back only the entries it wrote: no barrier needed before use.
+  auto prob = [&](int64_t t) { return cached ? cache[t] : compute_prob(t); };
   auto local_best = [&](uint64_t bound) {
     uint64_t best = 0;
     for (int64_t t = threadIdx.x; t < p.num_tokens; t += kChoiceBlock) {
@@ -197,8 +214,8 @@ void launch_topk_gating_backward(const TopkGatingBackwardParams& p, cudaStream_t
 void launch_router_stats(const RouterStatsParams& p, cudaStream_t stream) {
   // Enough blocks to fill a GPU, few enough that the per-block flush stays small.
   const long long blocks = std::min<long long>(ceil_div(p.n, routing::kStatsBlock), 1024);
-  LaunchConfig cfg{dim3(static_cast<unsigned>(blocks)), dim3(routing::kStatsBlock),
-                   p.num_experts * sizeof(int32_t), stream};
+  const size_t smem = p.num_experts <= routing::kStatsSharedExperts ? p.num_experts * sizeof(int32_t) : 0;
+  LaunchConfig cfg{dim3(static_cast<unsigned>(blocks)), dim3(routing::kStatsBlock), smem, stream};
   launch_kernel("router_stats_kernel", routing::router_stats_kernel, cfg, p);
 }
 
@@ -207,8 +224,9 @@ void launch_expert_choice_gating(const ExpertChoiceParams& p, cudaStream_t strea
     LaunchConfig stats{dim3(ceil_div(p.num_tokens, routing::kWarpsPerBlock)),
                        dim3(routing::kWarpsPerBlock * 32), 0, stream};
     launch_kernel("softmax_row_stats_kernel", routing::softmax_row_stats_kernel<T>, stats, p);
-    LaunchConfig choice{dim3(p.capacity > 0 ? p.num_experts : 0), dim3(routing::kChoiceBlock), 0,
-                        stream};
+    const size_t cache = p.num_tokens <= routing::kChoiceCachedTokens ? p.num_tokens * sizeof(float) : 0;
+    LaunchConfig choice{dim3(p.capacity > 0 ? p.num_experts : 0), dim3(routing::kChoiceBlock),
+                        cache, stream};
     launch_kernel("expert_choice_kernel", routing::expert_choice_kernel<T>, choice, p);
   });
 }
