@@ -591,9 +591,19 @@ def test_bad_topk_arguments(backend, kwargs, error, match):
         call_topk(backend, **kwargs)
 
 
-def test_group_of_one_with_max_is_fine(backend):
-    _, ids = call_topk(backend, k=2, num_groups=8, topk_groups=2, group_scoring="max")
-    assert ids.shape == (4, 2)
+def test_groups_of_one_expert_with_max(kernel_backend):
+    # 8 groups of 1: the 3 best groups are the 3 best experts.
+    check_kernel(kernel_backend, make_logits(9, 8, seed=4), 3, num_groups=8, topk_groups=3,
+                 group_scoring="max")
+
+
+def test_unaligned_bias_uses_scalar_loads(kernel_backend):
+    storage = make_bias(257)
+    bias = storage[1:]  # starts 4 bytes past a 16-byte boundary
+    assert bias.data_ptr() % 16 != 0
+    for experts, dtype in ((256, torch.float32), (256, torch.bfloat16)):
+        check_kernel(kernel_backend, make_logits(9, experts, dtype, seed=6), 8, scoring="sigmoid",
+                     bias=bias, num_groups=8, topk_groups=4, renormalize=True)
 
 
 def test_bias_on_another_device():
@@ -648,6 +658,10 @@ def test_bad_losses(backend):
         run(backend, f, logits, ids, 8, alpha=None)
     with pytest.raises(TypeError, match="logits: expected dtype"):
         run(backend, f, logits.double(), ids, 8)
+    with pytest.raises(ValueError, match="num_experts: expected"):
+        run(backend, f, logits, ids, 0)
+    with pytest.raises(ValueError, match="ids: expected a 2-D tensor"):
+        run(backend, f, logits, ids[:, 0].contiguous(), 8)
     with pytest.raises(ValueError, match="logits: expected a 2-D tensor"):
         run(backend, moe_kernels.router_z_loss, logits[0])
 
