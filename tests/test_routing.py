@@ -161,8 +161,11 @@ def check_kernel(kernel_backend, logits, k, **cfg):
     w, ids = run(kernel_backend, moe_kernels.topk_gating, logits.to(device_of(kernel_backend)), k, **cfg)
     assert w.dtype == torch.float32 and ids.dtype == torch.int32 and w.shape == ids.shape == (logits.shape[0], k)
     ref_w, ref_ids = reference.topk_gating(logits, k, **cfg)
-    _, _, margins = naive_topk_gating(logits, k, **cfg)
-    assert_routing_matches(w, ids, ref_w, ref_ids, margins, cfg.get("scaling_factor", 1.0))
+    naive_w, naive_ids, margins = naive_topk_gating(logits, k, **cfg)
+    scaling = cfg.get("scaling_factor", 1.0)
+    assert_routing_matches(w, ids, ref_w, ref_ids, margins, scaling)
+    # The oracle is already computed: the reference is checked on the whole grid too.
+    assert_routing_matches(ref_w, ref_ids, naive_w, naive_ids, margins, scaling)
 
 
 @pytest.mark.parametrize("experts,k", grid_pairs())
