@@ -11,8 +11,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("target") = "simt";
 #endif
-  m.def("topk_gating", &moe::topk_gating, "Fused softmax top-k gating", py::arg("logits"),
-        py::arg("k"), py::arg("renormalize"));
+  m.def("topk_gating", &moe::topk_gating, "Fused top-k gating", py::arg("logits"), py::arg("k"),
+        py::arg("renormalize"), py::arg("scoring") = "softmax", py::arg("bias") = py::none(),
+        py::arg("num_groups") = 1, py::arg("topk_groups") = -1,
+        py::arg("group_scoring") = "top2_sum", py::arg("scaling_factor") = 1.0);
+  m.def("topk_gating_backward", &moe::topk_gating_backward,
+        "Gradient of topk_gating's weights with respect to the logits", py::arg("grad_weights"),
+        py::arg("logits"), py::arg("ids"), py::arg("scoring"), py::arg("renormalize"),
+        py::arg("scaling_factor"));
+  m.def("router_stats", &moe::router_stats, "Assignments per expert", py::arg("ids"),
+        py::arg("num_experts"));
+  m.def("expert_choice_gating", &moe::expert_choice_gating, "Expert-choice routing",
+        py::arg("logits"), py::arg("capacity"));
+  m.def("hash_gating", &moe::hash_gating, "Hash routing", py::arg("token_ids"),
+        py::arg("num_experts"), py::arg("k"));
+  m.def("hash_multiplier", &moe::hash_multiplier, "The expert permutation of hash_gating",
+        py::arg("num_experts"));
   m.def("permute", &moe::permute, "Token permutation into expert-contiguous rows", py::arg("x"),
         py::arg("ids"), py::arg("weights"), py::arg("num_experts"), py::arg("capacity"),
         py::arg("align"), py::arg("drop_by_weight"), py::arg("expert_begin"),

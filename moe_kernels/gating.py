@@ -1,13 +1,77 @@
-"""Routing ops: fused top-k gating."""
+"""Routing ops: fused top-k gating (softmax / sigmoid, bias, group-limited), its backward,
+router statistics and losses, the auxiliary-loss-free bias update, expert-choice and hash
+routing."""
+
+import math
+
+import torch
 
 from . import reference
 from ._backend import native_module, selected_backend
 from ._checks import FLOAT_DTYPES, check_int, check_tensor
 
 MAX_EXPERTS = 4096
+SCORINGS = ("softmax", "sigmoid")
+GROUP_SCORINGS = ("top2_sum", "max")
 
 
-def topk_gating(logits, k, *, renormalize=False):
+def _check_choice(value, name, choices):
+    if not isinstance(value, str) or value not in choices:
+        expected = " or ".join(repr(c) for c in choices)
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
+
+
+def _check_bool(value, name):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+
+
+def _check_number(value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value}")
+
+
+def _check_same_device(t, name, ref, ref_name):
+    if t.device != ref.device:
+        raise ValueError(f"{name}: expected a tensor on {ref.device} (the device of {ref_name}), "
+                         f"got one on {t.device}")
+
+
+def _check_logits(logits):
+    check_tensor(logits, "logits", dtypes=FLOAT_DTYPES, dim=2)
+    num_experts = logits.shape[1]
+    if not 1 <= num_experts <= MAX_EXPERTS:
+        raise ValueError(f"logits: expected 1 to {MAX_EXPERTS} experts (columns), got {num_experts}")
+    return num_experts
+
+
+class _TopkGatingFunction(torch.autograd.Function):
+    """The native kernels forward and backward; the selection is piecewise constant, so
+    only the weights carry gradient, and only to the logits."""
+
+    @staticmethod
+    def forward(ctx, logits, bias, module, k, scoring, num_groups, topk_groups, group_scoring,
+                renormalize, scaling_factor):
+        weights, ids = module.topk_gating(logits, k, renormalize, scoring, bias, num_groups,
+                                          topk_groups, group_scoring, scaling_factor)
+        ctx.save_for_backward(logits, ids)
+        ctx.mark_non_differentiable(ids)
+        ctx.config = (module, scoring, renormalize, scaling_factor)
+        return weights, ids
+
+    @staticmethod
+    def backward(ctx, grad_weights, grad_ids):
+        logits, ids = ctx.saved_tensors
+        module, scoring, renormalize, scaling_factor = ctx.config
+        grad_logits = module.topk_gating_backward(grad_weights.float().contiguous(), logits, ids,
+                                                  scoring, renormalize, scaling_factor)
+        return (grad_logits,) + (None,) * 9
+
+
+def topk_gating(logits, k, *, scoring="softmax", bias=None, num_groups=1, topk_groups=None,
+                group_scoring="top2_sum", renormalize=False, scaling_factor=1.0):
     """Select the top-k experts of each token in one fused pass.
 
     Parameters
@@ -16,32 +80,222 @@ def topk_gating(logits, k, *, renormalize=False):
         ``[T, E]`` router logits, float32 / float16 / bfloat16, contiguous;
         ``1 <= E <= 4096``.
     k : int
-        Experts per token, ``1 <= k <= E``.
+        Experts per token, ``1 <= k <= E`` (no cap below E) and at most the eligible
+        experts ``topk_groups * E / num_groups``.
+    scoring : {"softmax", "sigmoid"}
+        Scores: softmax over the E experts, or elementwise sigmoid.
+    bias : torch.Tensor, optional
+        ``[E]`` float32, same device: added to the scores for the *selection* only (groups
+        and experts); the weights are the unbiased scores and the bias gets no gradient.
+    num_groups : int
+        Split the experts into this many equal, contiguous groups (must divide E).
+    topk_groups : int, optional
+        Only the experts of the best ``topk_groups`` groups are eligible (default: all).
+    group_scoring : {"top2_sum", "max"}
+        Group score: sum of its two largest (biased) scores (DeepSeek-V3) or the largest
+        (DeepSeek-V2). ``"top2_sum"`` needs at least two experts per group.
     renormalize : bool
         Divide the k weights of a token by their sum.
+    scaling_factor : float
+        Multiply the weights by this (after renormalizing).
 
     Returns
     -------
     weights : torch.Tensor
-        ``[T, k]`` float32: ``softmax(logits)`` at the selected experts (renormalized if
-        asked), in descending order.
+        ``[T, k]`` float32: the scores of the selected experts (renormalized, scaled), in
+        selection order. Differentiable in ``logits`` (a backward kernel on cuda/simt).
     ids : torch.Tensor
-        ``[T, k]`` int32 expert indices; ties go to the lower index.
+        ``[T, k]`` int32 expert indices, best first.
 
     Notes
     -----
-    Selection compares the logits in float32. A NaN logit ranks as -inf (it is chosen only
-    after every number) and, as in ``torch.softmax``, makes its token's weights NaN.
+    Selection values are the logits without a bias (exact; softmax and sigmoid are
+    monotonic), else score + bias, compared in float32; ties go to the lower expert (and
+    group) index. A NaN value ranks as -inf (chosen only after every number), and a NaN
+    logit makes all of its token's weights NaN, for both scorings. Group-limited
+    selection is equal to masking the dropped groups' experts out of the top-k.
+    GPT-OSS routing (softmax over the k selected logits) is ``scoring="softmax",
+    renormalize=True``.
     """
-    check_tensor(logits, "logits", dtypes=FLOAT_DTYPES, dim=2)
-    num_experts = logits.shape[1]
-    if not 1 <= num_experts <= MAX_EXPERTS:
-        raise ValueError(f"logits: expected 1 to {MAX_EXPERTS} experts (columns), got {num_experts}")
+    num_experts = _check_logits(logits)
     check_int(k, "k", 1, num_experts)
-    if not isinstance(renormalize, bool):
-        raise TypeError(f"renormalize: expected a bool, got {type(renormalize).__name__}")
+    _check_choice(scoring, "scoring", SCORINGS)
+    if bias is not None:
+        check_tensor(bias, "bias", dtypes=(torch.float32,), dim=1)
+        _check_same_device(bias, "bias", logits, "logits")
+        if bias.shape[0] != num_experts:
+            raise ValueError(f"bias: expected {num_experts} elements (one per expert), "
+                             f"got {bias.shape[0]}")
+    check_int(num_groups, "num_groups", 1, num_experts)
+    if num_experts % num_groups:
+        raise ValueError(f"num_groups: expected a divisor of the number of experts "
+                         f"({num_experts}), got {num_groups}")
+    if topk_groups is None:
+        topk_groups = num_groups
+    check_int(topk_groups, "topk_groups", 1, num_groups)
+    _check_choice(group_scoring, "group_scoring", GROUP_SCORINGS)
+    group_size = num_experts // num_groups
+    if num_groups > 1 and group_scoring == "top2_sum" and group_size < 2:
+        raise ValueError("group_scoring: 'top2_sum' needs at least 2 experts per group, "
+                         f"got {group_size}")
+    if k > topk_groups * group_size:
+        raise ValueError(f"k: expected k <= the eligible experts topk_groups * E / num_groups "
+                         f"({topk_groups * group_size}), got {k}")
+    _check_bool(renormalize, "renormalize")
+    _check_number(scaling_factor, "scaling_factor")
 
     backend = selected_backend(logits, "logits")
     if backend == "reference":
-        return reference.topk_gating(logits, k, renormalize=renormalize)
-    return native_module(backend).topk_gating(logits, k, renormalize)
+        return reference.topk_gating(logits, k, scoring=scoring, bias=bias, num_groups=num_groups,
+                                     topk_groups=topk_groups, group_scoring=group_scoring,
+                                     renormalize=renormalize, scaling_factor=scaling_factor)
+    module = native_module(backend)
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return _TopkGatingFunction.apply(logits, bias, module, k, scoring, num_groups, topk_groups,
+                                         group_scoring, renormalize, float(scaling_factor))
+    return module.topk_gating(logits, k, renormalize, scoring, bias, num_groups, topk_groups,
+                              group_scoring, float(scaling_factor))
+
+
+def _check_ids(ids, name="ids"):
+    check_tensor(ids, name, dtypes=(torch.int32,))
+
+
+def router_stats(ids, num_experts):
+    """Assignments per expert.
+
+    Parameters
+    ----------
+    ids : torch.Tensor
+        int32 expert ids of any shape (e.g. ``[T, k]`` from ``topk_gating``), contiguous.
+        Entries outside ``[0, num_experts)`` (such as the -1 padding of
+        ``expert_choice_gating``) are not counted.
+    num_experts : int
+        ``1 <= num_experts <= 65536``.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[num_experts]`` int32 counts (a kernel on cuda/simt: a shared-memory histogram per
+        block, integer atomics, deterministic).
+    """
+    _check_ids(ids)
+    check_int(num_experts, "num_experts", 1, 65536)
+    backend = selected_backend(ids, "ids")
+    if backend == "reference":
+        return reference.router_stats(ids, num_experts)
+    return native_module(backend).router_stats(ids, num_experts)
+
+
+def load_balancing_loss(logits, ids, num_experts, alpha=0.01):
+    """Switch Transformer load-balancing loss ``alpha * E * sum_i f_i * P_i``.
+
+    ``f_i``: fraction of the ``T * k`` assignments in ``ids`` ``[T, k]`` that go to expert
+    i (from ``router_stats``, no gradient); ``P_i``: mean over tokens of
+    ``softmax(logits)[:, i]``. Differentiable in ``logits``; equals ``alpha`` for a
+    perfectly uniform router. Returns a float32 scalar (NaN for T = 0).
+    """
+    num_experts_in_logits = _check_logits(logits)
+    check_int(num_experts, "num_experts", 1, MAX_EXPERTS)
+    if num_experts_in_logits != num_experts:
+        raise ValueError(f"logits: expected {num_experts} columns (num_experts), "
+                         f"got {num_experts_in_logits}")
+    check_tensor(ids, "ids", dtypes=(torch.int32,), dim=2)
+    _check_same_device(ids, "ids", logits, "logits")
+    if ids.shape[0] != logits.shape[0]:
+        raise ValueError(f"ids: expected {logits.shape[0]} rows (tokens of logits), got {ids.shape[0]}")
+    _check_number(alpha, "alpha")
+    fraction = router_stats(ids, num_experts).float() / max(ids.numel(), 1)
+    mean_prob = torch.softmax(logits.float(), dim=-1).mean(dim=0)
+    return alpha * num_experts * (fraction * mean_prob).sum()
+
+
+def router_z_loss(logits):
+    """Router z-loss (ST-MoE): ``mean over tokens of logsumexp(logits)^2``, float32,
+    differentiable."""
+    _check_logits(logits)
+    return torch.logsumexp(logits.float(), dim=-1).square().mean()
+
+
+def update_routing_bias(bias, counts, rate):
+    """Auxiliary-loss-free balancing (DeepSeek-V3), in place:
+    ``bias += rate * sign(mean(counts) - counts)``: under-loaded experts go up, over-loaded
+    down, balanced ones stay. ``bias`` ``[E]`` float32; ``counts`` ``[E]`` (e.g. from
+    ``router_stats``) on the same device. Returns ``bias``. No host synchronization."""
+    check_tensor(bias, "bias", dtypes=(torch.float32,), dim=1)
+    check_tensor(counts, "counts", dtypes=(torch.int32, torch.int64, torch.float32), dim=1,
+                 contiguous=False)
+    _check_same_device(counts, "counts", bias, "bias")
+    if counts.shape != bias.shape:
+        raise ValueError(f"counts: expected {bias.shape[0]} elements (one per expert), "
+                         f"got {counts.shape[0]}")
+    _check_number(rate, "rate")
+    with torch.no_grad():
+        load = counts.double()  # exact for any count, so the sign is exact too
+        bias.add_(torch.sign(load.mean() - load).float(), alpha=rate)
+    return bias
+
+
+def expert_choice_gating(logits, capacity):
+    """Expert-choice routing: each expert takes the ``capacity`` tokens with the highest
+    softmax-over-experts score.
+
+    Parameters
+    ----------
+    logits : torch.Tensor
+        ``[T, E]`` float32 / float16 / bfloat16, contiguous, ``1 <= E <= 4096``.
+    capacity : int
+        Tokens per expert C, ``0 <= C < 2**31``. C may exceed T: the slots past T are
+        padding (token -1, weight 0), so the output shape does not depend on T.
+
+    Returns
+    -------
+    token_idx : torch.Tensor
+        ``[E, C]`` int32, each expert's tokens best first; ties go to the lower token index;
+        NaN ranks as -inf.
+    weights : torch.Tensor
+        ``[E, C]`` float32 ``softmax(logits)[token, expert]`` (NaN for a token whose row
+        has a NaN).
+    """
+    _check_logits(logits)
+    check_int(capacity, "capacity", 0, 2**31 - 1)
+    if logits.shape[0] >= 2**31:
+        raise ValueError("logits: expected fewer than 2**31 tokens")
+    backend = selected_backend(logits, "logits")
+    if backend == "reference":
+        return reference.expert_choice_gating(logits, capacity)
+    return native_module(backend).expert_choice_gating(logits, capacity)
+
+
+def hash_gating(token_ids, num_experts, k):
+    """Hash routing: a fixed map from token id to k distinct experts, weights 1/k.
+
+    Token t, slot j (0 <= j < k) goes to expert ``a * (((t mod E) * k + j) mod E) mod E``
+    with ``a`` the smallest integer >= round(0.618034 * E) coprime to E
+    (``reference.hash_multiplier``). The k slots of a token are k consecutive residues
+    mod E (distinct) and ``x -> a * x mod E`` is a permutation, so any E consecutive
+    token ids put exactly k tokens on every expert. Negative ids use floor modulo.
+
+    Parameters
+    ----------
+    token_ids : torch.Tensor
+        ``[T]`` int32 or int64.
+    num_experts : int
+        ``1 <= E <= 65536``.
+    k : int
+        ``1 <= k <= E``.
+
+    Returns
+    -------
+    weights : torch.Tensor
+        ``[T, k]`` float32, all ``1 / k``.
+    ids : torch.Tensor
+        ``[T, k]`` int32.
+    """
+    check_tensor(token_ids, "token_ids", dtypes=(torch.int32, torch.int64), dim=1)
+    check_int(num_experts, "num_experts", 1, 65536)
+    check_int(k, "k", 1, num_experts)
+    backend = selected_backend(token_ids, "token_ids")
+    if backend == "reference":
+        return reference.hash_gating(token_ids, num_experts, k)
+    return native_module(backend).hash_gating(token_ids, num_experts, k)

@@ -1,46 +1,42 @@
-// Fused top-k gating: score, select and normalize in one pass over the logits.
+// Fused top-k gating: score, (bias,) group-limit, select, normalize, scale in one pass over
+// the logits.
 //
 // A token is handled by a group of TPT threads (a power of two: lanes of one warp, or
 // whole warps of a block). Each thread holds NCHUNK 16-byte chunks of the token's row in
 // registers; chunk c of the row belongs to thread c % TPT, so every load instruction of a
 // group reads consecutive 16-byte chunks (coalesced). Padding slots past E never win.
 //
-// Selection is k rounds of a group-wide argmax over 64-bit keys
-//   key = order_preserving_bits(score) << 32 | ~expert
-// so that one max() picks the larger score and, on a tie, the lower expert index. Only
-// the thread that owned the winner rescans its slots, so a round costs one reduction.
-// The winning slot remembers its rank; at the end each owner writes its own winners.
+// Selection values: without a bias, the logits themselves (softmax and sigmoid are
+// monotonic, and comparing logits is exact where the scores could round to equal values);
+// with a bias, score + bias (the score is the softmax probability or the sigmoid).
+//
+// Group-limited routing (num_groups > 1) stages score + bias of the block's tokens in
+// shared memory (no global workspace): one thread per group reduces it to the group
+// score, then topk_groups rounds of a group-wide argmax keep the best groups eligible.
+//
+// Top-k selection is k rounds of a group-wide argmax over 64-bit keys (selection.cuh) so
+// that one max() picks the larger value and, on a tie, the lower expert index. Only the
+// thread that owned the winner rescans its slots, so a round costs one reduction. The
+// winning slot remembers its rank; at the end each owner writes its own winners.
 #pragma once
 
 #include "common/launch.cuh"
 #include "common/memory.cuh"
 #include "common/reduce.cuh"
 #include "gating.h"
+#include "selection.cuh"
 
 namespace moe {
 namespace gating {
-
-// Maps a float to an unsigned int whose unsigned order is the float order. NaN ranks as
-// -inf (documented: a NaN logit is never chosen ahead of a number); -0 equals +0.
-__device__ __forceinline__ uint32_t ordered_bits(float x) {
-  if (x != x) x = -INFINITY;
-  if (x == 0.f) x = 0.f;
-  const uint32_t u = __float_as_uint(x);
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-
-__device__ __forceinline__ uint64_t selection_key(float score, int expert) {
-  return (static_cast<uint64_t>(ordered_bits(score)) << 32) | (0xffffffffu - static_cast<uint32_t>(expert));
-}
-
-__device__ __forceinline__ int key_expert(uint64_t key) {
-  return static_cast<int>(0xffffffffu - static_cast<uint32_t>(key));
-}
 
 template <int TPT>
 __host__ __device__ constexpr int block_threads() {
   return TPT > 128 ? TPT : 128;
 }
+
+// Floats of shared memory per token for group-limited routing: the token's score + bias
+// per expert, then one score per group.
+__host__ __device__ inline int group_smem_floats(int num_experts, int num_groups) { return num_experts + num_groups; }
 
 template <typename T, int TPT, int NCHUNK>
 __global__ void __launch_bounds__(block_threads<TPT>())
@@ -49,97 +45,203 @@ __global__ void __launch_bounds__(block_threads<TPT>())
   constexpr int VPT = CHUNK * NCHUNK;
   constexpr int BLOCK = block_threads<TPT>();
   constexpr int WARPS = BLOCK / 32;
-  static_assert(VPT <= 32, "the slot bit mask holds 32 slots");
+  static_assert(VPT <= 32, "the slot bit masks hold 32 slots");
   __shared__ uint64_t key_scratch[WARPS];
   __shared__ float sum_scratch[WARPS];
 
   const int E = p.num_experts;
+  const bool softmax = p.scoring == Scoring::softmax;
   const int g = threadIdx.x % TPT;
-  const int64_t token = static_cast<int64_t>(blockIdx.x) * (BLOCK / TPT) + threadIdx.x / TPT;
+  const int local_token = threadIdx.x / TPT;
+  const int64_t token = static_cast<int64_t>(blockIdx.x) * (BLOCK / TPT) + local_token;
   // Threads past the last token still take part in the group collectives.
   const bool valid = token < p.num_tokens;
   const T* row = static_cast<const T*>(p.logits) + (valid ? token : 0) * static_cast<int64_t>(E);
 
   auto slot_expert = [&](int s) { return ((s / CHUNK) * TPT + g) * CHUNK + s % CHUNK; };
 
-  float x[VPT];
+  // The row stays in registers in its own type (half types: two per register); x(s) is
+  // slot s as float32. Padding slots hold -inf.
+  union Chunk {
+    uint4 raw;
+    T elems[CHUNK];
+  };
+  Chunk chunk[NCHUNK];
 #pragma unroll
   for (int j = 0; j < NCHUNK; ++j) {
     const int base = (j * TPT + g) * CHUNK;
     if (valid && vector_loads && base + CHUNK <= E) {
-      load_vec16_as_float(row + base, &x[j * CHUNK]);
+      chunk[j].raw = load_vec16(row + base);
     } else {
 #pragma unroll
       for (int i = 0; i < CHUNK; ++i) {
-        x[j * CHUNK + i] = (valid && base + i < E) ? to_float(row[base + i]) : -INFINITY;
+        chunk[j].elems[i] = (valid && base + i < E) ? row[base + i] : from_float<T>(-INFINITY);
+      }
+    }
+  }
+  auto x = [&](int s) { return to_float(chunk[s / CHUNK].elems[s % CHUNK]); };
+  // Slots that can never be chosen: padding past E, then experts of dropped groups.
+  uint32_t excluded = 0;
+#pragma unroll
+  for (int s = 0; s < VPT; ++s) excluded |= (slot_expert(s) >= E ? 1u : 0u) << s;
+
+  // Softmax statistics over the whole row; for sigmoid only whether the row has a NaN.
+  // Either way a NaN anywhere in the row makes every weight of the token NaN.
+  float row_max = 0.f, inv_sum = 1.f;
+  bool poisoned;
+  if (softmax) {
+    row_max = -INFINITY;
+#pragma unroll
+    for (int s = 0; s < VPT; ++s) row_max = fmaxf(row_max, x(s));
+    row_max = group_allreduce<TPT>(row_max, MaxOp{}, sum_scratch);
+    float exp_sum = 0.f;
+#pragma unroll
+    for (int s = 0; s < VPT; ++s) {
+      if (!((excluded >> s) & 1u)) exp_sum += expf(x(s) - row_max);
+    }
+    exp_sum = group_allreduce<TPT>(exp_sum, SumOp{}, sum_scratch);
+    poisoned = exp_sum != exp_sum;
+    inv_sum = 1.f / exp_sum;
+  } else {
+    float nan_seen = 0.f;
+#pragma unroll
+    for (int s = 0; s < VPT; ++s) nan_seen = x(s) != x(s) ? 1.f : nan_seen;
+    poisoned = group_allreduce<TPT>(nan_seen, MaxOp{}, sum_scratch) > 0.f;
+  }
+  auto score = [&](float v) { return softmax ? expf(v - row_max) * inv_sum : sigmoidf(v); };
+
+  // Selection values (see the header comment).
+  float sel[VPT];
+#pragma unroll
+  for (int s = 0; s < VPT; ++s) sel[s] = x(s);
+  if (p.bias != nullptr) {
+    // The bias chunk of a row chunk is CHUNK floats: 16-byte loads when aligned.
+    const bool bias_vector_loads = reinterpret_cast<uintptr_t>(p.bias) % 16 == 0 && E % 4 == 0;
+#pragma unroll
+    for (int j = 0; j < NCHUNK; ++j) {
+      const int base = (j * TPT + g) * CHUNK;
+      float b[CHUNK];
+      if (bias_vector_loads && base + CHUNK <= E) {
+#pragma unroll
+        for (int q = 0; q < CHUNK; q += 4) load_vec16_as_float(p.bias + base + q, &b[q]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < CHUNK; ++i) b[i] = base + i < E ? p.bias[base + i] : 0.f;
+      }
+#pragma unroll
+      for (int i = 0; i < CHUNK; ++i) {
+        const int s = j * CHUNK + i;
+        if (base + i < E) sel[s] = score(x(s)) + b[i];
       }
     }
   }
 
-  // Softmax statistics over the whole row.
-  float row_max = -INFINITY;
-#pragma unroll
-  for (int s = 0; s < VPT; ++s) row_max = fmaxf(row_max, x[s]);
-  row_max = group_allreduce<TPT>(row_max, MaxOp{}, sum_scratch);
-  float exp_sum = 0.f;
-#pragma unroll
-  for (int s = 0; s < VPT; ++s) {
-    if (slot_expert(s) < E) exp_sum += expf(x[s] - row_max);
-  }
-  exp_sum = group_allreduce<TPT>(exp_sum, SumOp{}, sum_scratch);
-
-  // Top-k rounds. Selection uses the logits (softmax is monotonic in them).
-  auto local_best = [&](uint32_t taken) {
-    uint64_t best = 0;  // below every real key
+  if (p.num_groups > 1) {  // uniform over the block: barriers are safe here
+    const int group_size = E / p.num_groups;
+    float* token_values = dynamic_smem<float>() + local_token * group_smem_floats(E, p.num_groups);
+    float* group_scores = token_values + E;
 #pragma unroll
     for (int s = 0; s < VPT; ++s) {
       const int e = slot_expert(s);
-      if (e < E && !((taken >> s) & 1u)) {
-        const uint64_t key = selection_key(x[s], e);
-        best = key > best ? key : best;
-      }
+      if (e < E) token_values[e] = p.bias != nullptr ? sel[s] : score(x(s));
     }
-    return best;
-  };
-  uint32_t taken = 0;
-  int rank[VPT];
-#pragma unroll
-  for (int s = 0; s < VPT; ++s) rank[s] = -1;
-  uint64_t mine = local_best(taken);
-  for (int r = 0; r < p.k; ++r) {
-    const uint64_t best = group_allreduce<TPT>(mine, MaxOp{}, key_scratch);
-    if (best == mine) {  // this thread owns the winner
-      const int winner = key_expert(best);
-#pragma unroll
-      for (int s = 0; s < VPT; ++s) {
-        if (slot_expert(s) == winner) {
-          taken |= 1u << s;
-          rank[s] = r;
+    __syncthreads();
+    for (int n = g; n < p.num_groups; n += TPT) {
+      const float* v = token_values + n * group_size;
+      float top1 = -INFINITY, top2 = -INFINITY;  // NaN counts as -inf
+      // Threads scan their groups from staggered starts: group_size is often a multiple of
+      // 32, and same-offset reads would all hit one shared-memory bank. The max and the
+      // top two values do not depend on the order.
+      int i = n % group_size;
+      for (int count = 0; count < group_size; ++count, i = i + 1 == group_size ? 0 : i + 1) {
+        const float value = v[i];
+        if (value > top1) {
+          top2 = top1;
+          top1 = value;
+        } else if (value > top2) {
+          top2 = value;
         }
       }
-      mine = local_best(taken);
+      group_scores[n] = p.group_scoring == GroupScoring::max ? top1 : top1 + top2;
+    }
+    __syncthreads();
+    // Keys are distinct and chosen in descending order, so after round r every later
+    // winner is below `bound`: no taken-mask needed. The last bound is the cut-off.
+    uint64_t bound = ~0ull;
+    for (int r = 0; r < p.topk_groups; ++r) {
+      uint64_t mine = 0;
+      for (int n = g; n < p.num_groups; n += TPT) {
+        const uint64_t key = selection_key(group_scores[n], n);
+        if (key < bound && key > mine) mine = key;
+      }
+      bound = group_allreduce<TPT>(mine, MaxOp{}, key_scratch);
+    }
+#pragma unroll
+    for (int s = 0; s < VPT; ++s) {
+      const int e = slot_expert(s);
+      if (e < E) {
+        const int n = e / group_size;
+        if (selection_key(group_scores[n], n) < bound) excluded |= 1u << s;
+      }
     }
   }
 
-  // Weights: softmax probabilities of the winners, optionally renormalized over them.
-  float scale = 1.f / exp_sum;
+  // Top-k rounds (k <= eligible experts, checked by the launcher's callers).
+  // A thread's slots run in increasing expert order, so a strict 32-bit compare of the
+  // ordered bits finds its best value at the lowest index; only that one becomes a key.
+  auto local_best = [&](uint32_t blocked) {
+    uint32_t best_bits = 0;  // below every real value (ordered_bits(-inf) > 0)
+    int best_expert = 0;
+#pragma unroll
+    for (int s = 0; s < VPT; ++s) {
+      const uint32_t bits = ordered_bits(sel[s]);
+      if (!((blocked >> s) & 1u) && bits > best_bits) {
+        best_bits = bits;
+        best_expert = slot_expert(s);
+      }
+    }
+    return best_bits == 0 ? uint64_t{0} : selection_key_from_bits(best_bits, best_expert);
+  };
+  uint32_t chosen = 0;
+  int rank[VPT];
+#pragma unroll
+  for (int s = 0; s < VPT; ++s) rank[s] = -1;
+  uint64_t mine = local_best(excluded);
+  for (int r = 0; r < p.k; ++r) {
+    const uint64_t best = group_allreduce<TPT>(mine, MaxOp{}, key_scratch);
+    if (best == mine) {  // this thread owns the winner
+      const int winner = static_cast<int>(key_index(best));
+#pragma unroll
+      for (int s = 0; s < VPT; ++s) {
+        if (slot_expert(s) == winner) {
+          chosen |= 1u << s;
+          rank[s] = r;
+        }
+      }
+      mine = local_best(excluded | chosen);
+    }
+  }
+
+  // Weights: the unbiased scores of the winners, optionally renormalized over them, then
+  // scaled.
+  float scale = p.scaling_factor;
   if (p.renormalize) {
     float chosen_sum = 0.f;
 #pragma unroll
     for (int s = 0; s < VPT; ++s) {
-      if ((taken >> s) & 1u) chosen_sum += expf(x[s] - row_max);
+      if ((chosen >> s) & 1u) chosen_sum += score(x(s));
     }
     chosen_sum = group_allreduce<TPT>(chosen_sum, SumOp{}, sum_scratch);
-    // A NaN anywhere in the row (exp_sum NaN) makes every weight NaN, renormalized or not.
-    scale = exp_sum == exp_sum ? 1.f / chosen_sum : exp_sum;
+    scale = p.scaling_factor / chosen_sum;
   }
+  if (poisoned) scale = NAN;
   if (!valid) return;
   float* weights = p.weights + token * p.k;
   int32_t* ids = p.ids + token * p.k;
 #pragma unroll
   for (int s = 0; s < VPT; ++s) {
-    if ((taken >> s) & 1u) {
-      weights[rank[s]] = expf(x[s] - row_max) * scale;
+    if ((chosen >> s) & 1u) {
+      weights[rank[s]] = score(x(s)) * scale;
       ids[rank[s]] = slot_expert(s);
     }
   }
@@ -150,7 +252,10 @@ void launch_config(const TopkGatingParams& p, cudaStream_t stream) {
   constexpr int BLOCK = block_threads<TPT>();
   const bool vector_loads = reinterpret_cast<uintptr_t>(p.logits) % 16 == 0 &&
                             (p.num_experts * sizeof(T)) % 16 == 0;
-  LaunchConfig cfg{dim3(ceil_div(p.num_tokens, BLOCK / TPT)), dim3(BLOCK), 0, stream};
+  const size_t smem = p.num_groups > 1 ? (BLOCK / TPT) * sizeof(float) *
+                                             group_smem_floats(p.num_experts, p.num_groups)
+                                       : 0;
+  LaunchConfig cfg{dim3(ceil_div(p.num_tokens, BLOCK / TPT)), dim3(BLOCK), smem, stream};
   launch_kernel("topk_gating_kernel", topk_gating_kernel<T, TPT, NCHUNK>, cfg, p, vector_loads);
 }
 
@@ -183,7 +288,12 @@ void launch_topk_gating(const TopkGatingParams& p, cudaStream_t stream) {
   if (p.num_experts < 1 || p.num_experts > kMaxGatingExperts) {
     throw std::invalid_argument("topk_gating: num_experts must be in [1, 4096]");
   }
-  if (p.k < 1 || p.k > p.num_experts) throw std::invalid_argument("topk_gating: k must be in [1, num_experts]");
+  if (p.num_groups < 1 || p.num_experts % p.num_groups != 0 || p.topk_groups < 1 ||
+      p.topk_groups > p.num_groups) {
+    throw std::invalid_argument("topk_gating: bad num_groups / topk_groups");
+  }
+  const int eligible = p.topk_groups * (p.num_experts / p.num_groups);
+  if (p.k < 1 || p.k > eligible) throw std::invalid_argument("topk_gating: k must be in [1, eligible experts]");
   MOE_DISPATCH_FLOAT_TYPES(p.dtype, T, gating::launch_typed<T>(p, stream));
 }
 

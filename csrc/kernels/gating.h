@@ -1,4 +1,4 @@
-// Fused top-k gating: launcher interface (plain C++, shared by kernels and adapters).
+// Routing kernels: launcher interfaces (plain C++, shared by kernels and adapters).
 #pragma once
 
 #include <cstdint>
@@ -8,13 +8,66 @@
 
 namespace moe {
 
+enum class Scoring : int { softmax = 0, sigmoid = 1 };
+enum class GroupScoring : int { top2_sum = 0, max = 1 };
+
 struct TopkGatingParams {
   const void* logits = nullptr;  // [num_tokens, num_experts], dtype, contiguous
   DType dtype = DType::f32;
   int64_t num_tokens = 0;
   int num_experts = 0;
   int k = 0;
+  Scoring scoring = Scoring::softmax;
+  const float* bias = nullptr;  // [num_experts] or null: added to the scores for selection only
+  int num_groups = 1;           // divides num_experts
+  int topk_groups = 1;          // groups that stay eligible, <= num_groups
+  GroupScoring group_scoring = GroupScoring::top2_sum;
   bool renormalize = false;
+  float scaling_factor = 1.f;
+  float* weights = nullptr;  // [num_tokens, k] out
+  int32_t* ids = nullptr;    // [num_tokens, k] out
+};
+
+// Gradient of topk_gating's weights with respect to the logits (selection is constant).
+struct TopkGatingBackwardParams {
+  const void* logits = nullptr;         // [num_tokens, num_experts], dtype
+  DType dtype = DType::f32;
+  const int32_t* ids = nullptr;         // [num_tokens, k], distinct per row
+  const float* grad_weights = nullptr;  // [num_tokens, k]
+  int64_t num_tokens = 0;
+  int num_experts = 0;
+  int k = 0;
+  Scoring scoring = Scoring::softmax;
+  bool renormalize = false;
+  float scaling_factor = 1.f;
+  void* grad_logits = nullptr;  // [num_tokens, num_experts] out, dtype
+};
+
+struct RouterStatsParams {
+  const int32_t* ids = nullptr;  // [n] expert ids; ids outside [0, num_experts) are not counted
+  int64_t n = 0;
+  int num_experts = 0;
+  int32_t* counts = nullptr;  // [num_experts] out (zeroed by the launcher's caller)
+};
+
+struct ExpertChoiceParams {
+  const void* logits = nullptr;  // [num_tokens, num_experts], dtype
+  DType dtype = DType::f32;
+  int64_t num_tokens = 0;
+  int num_experts = 0;
+  int64_t capacity = 0;
+  float* row_stats = nullptr;  // [num_tokens, 2] scratch: softmax max and 1/sum per token
+  int32_t* token_idx = nullptr;  // [num_experts, capacity] out, -1 past num_tokens
+  float* weights = nullptr;      // [num_experts, capacity] out, 0 past num_tokens
+};
+
+struct HashGatingParams {
+  const void* token_ids = nullptr;  // [num_tokens], int32 or int64
+  bool ids_are_64bit = false;
+  int64_t num_tokens = 0;
+  int num_experts = 0;
+  int k = 0;
+  int multiplier = 1;  // the expert permutation x -> multiplier * x mod num_experts
   float* weights = nullptr;  // [num_tokens, k] out
   int32_t* ids = nullptr;    // [num_tokens, k] out
 };
@@ -23,5 +76,9 @@ struct TopkGatingParams {
 constexpr int kMaxGatingExperts = 4096;
 
 void launch_topk_gating(const TopkGatingParams& params, cudaStream_t stream);
+void launch_topk_gating_backward(const TopkGatingBackwardParams& params, cudaStream_t stream);
+void launch_router_stats(const RouterStatsParams& params, cudaStream_t stream);
+void launch_expert_choice_gating(const ExpertChoiceParams& params, cudaStream_t stream);
+void launch_hash_gating(const HashGatingParams& params, cudaStream_t stream);
 
 }  // namespace moe

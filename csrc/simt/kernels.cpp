@@ -3,4 +3,5 @@
 
 #include "../kernels/gating.cuh"
 #include "../kernels/permute.cuh"
+#include "../kernels/routing.cuh"
 #include "../kernels/testing.cuh"

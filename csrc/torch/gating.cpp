@@ -1,22 +1,66 @@
 #include "../kernels/gating.h"
 
+#include <numeric>
+
 #include "common.h"
 #include "ops.h"
 
 namespace moe {
 
-std::tuple<at::Tensor, at::Tensor> topk_gating(const at::Tensor& logits, int64_t k,
-                                               bool renormalize) {
+namespace {
+Scoring parse_scoring(const std::string& scoring) {
+  if (scoring == "softmax") return Scoring::softmax;
+  MOE_CHECK_VALUE(scoring == "sigmoid", "scoring", "expected 'softmax' or 'sigmoid', got '",
+                  scoring, "'");
+  return Scoring::sigmoid;
+}
+
+void check_logits(const at::Tensor& logits) {
   check_device(logits, "logits");
   check_dim(logits, 2, "logits");
   check_contiguous(logits, "logits");
+  float_dtype(logits, "logits");
+  MOE_CHECK_VALUE(logits.size(1) >= 1 && logits.size(1) <= kMaxGatingExperts, "logits",
+                  "expected 1 to ", kMaxGatingExperts, " experts (columns), got ", logits.size(1));
+}
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> topk_gating(const at::Tensor& logits, int64_t k,
+                                               bool renormalize, const std::string& scoring,
+                                               const std::optional<at::Tensor>& bias,
+                                               int64_t num_groups, int64_t topk_groups,
+                                               const std::string& group_scoring,
+                                               double scaling_factor) {
+  check_logits(logits);
   const DType dtype = float_dtype(logits, "logits");
   const int64_t num_tokens = logits.size(0);
   const int64_t num_experts = logits.size(1);
-  MOE_CHECK_VALUE(num_experts >= 1 && num_experts <= kMaxGatingExperts, "logits",
-                  "expected 1 to ", kMaxGatingExperts, " experts (columns), got ", num_experts);
+  const Scoring scoring_kind = parse_scoring(scoring);
+  MOE_CHECK_VALUE(group_scoring == "top2_sum" || group_scoring == "max", "group_scoring",
+                  "expected 'top2_sum' or 'max', got '", group_scoring, "'");
+  if (bias.has_value()) {
+    check_device(*bias, "bias");
+    check_same_device(*bias, logits, "bias");
+    check_dtype(*bias, at::kFloat, "bias");
+    check_dim(*bias, 1, "bias");
+    check_contiguous(*bias, "bias");
+    MOE_CHECK_VALUE(bias->size(0) == num_experts, "bias", "expected ", num_experts,
+                    " elements (one per expert), got ", bias->size(0));
+  }
+  MOE_CHECK_VALUE(num_groups >= 1 && num_groups <= num_experts && num_experts % num_groups == 0,
+                  "num_groups", "expected a divisor of num_experts (", num_experts, "), got ",
+                  num_groups);
+  if (topk_groups < 0) topk_groups = num_groups;  // default: every group stays eligible
+  MOE_CHECK_VALUE(topk_groups >= 1 && topk_groups <= num_groups, "topk_groups",
+                  "expected 1 <= topk_groups <= num_groups (", num_groups, "), got ", topk_groups);
+  const int64_t group_size = num_experts / num_groups;
+  MOE_CHECK_VALUE(num_groups == 1 || group_scoring != "top2_sum" || group_size >= 2,
+                  "group_scoring", "'top2_sum' needs at least 2 experts per group, got ",
+                  group_size);
   MOE_CHECK_VALUE(k >= 1 && k <= num_experts, "k", "expected 1 <= k <= num_experts (",
                   num_experts, "), got ", k);
+  MOE_CHECK_VALUE(k <= topk_groups * group_size, "k", "expected k <= the eligible experts ",
+                  "topk_groups * num_experts / num_groups (", topk_groups * group_size, "), got ", k);
 
   const c10::DeviceGuard guard(logits.device());
   at::Tensor weights = at::empty({num_tokens, k}, logits.options().dtype(at::kFloat));
@@ -27,11 +71,133 @@ std::tuple<at::Tensor, at::Tensor> topk_gating(const at::Tensor& logits, int64_t
   p.num_tokens = num_tokens;
   p.num_experts = static_cast<int>(num_experts);
   p.k = static_cast<int>(k);
+  p.scoring = scoring_kind;
+  p.bias = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  p.num_groups = static_cast<int>(num_groups);
+  p.topk_groups = static_cast<int>(topk_groups);
+  p.group_scoring = group_scoring == "max" ? GroupScoring::max : GroupScoring::top2_sum;
   p.renormalize = renormalize;
+  p.scaling_factor = static_cast<float>(scaling_factor);
   p.weights = weights.data_ptr<float>();
   p.ids = ids.data_ptr<int32_t>();
   launch_topk_gating(p, current_stream(logits));
   return {weights, ids};
+}
+
+at::Tensor topk_gating_backward(const at::Tensor& grad_weights, const at::Tensor& logits,
+                                const at::Tensor& ids, const std::string& scoring,
+                                bool renormalize, double scaling_factor) {
+  check_logits(logits);
+  check_device(ids, "ids");
+  check_same_device(ids, logits, "ids");
+  check_dtype(ids, at::kInt, "ids");
+  check_dim(ids, 2, "ids");
+  check_contiguous(ids, "ids");
+  MOE_CHECK_VALUE(ids.size(0) == logits.size(0) && ids.size(1) >= 1 &&
+                      ids.size(1) <= logits.size(1),
+                  "ids", "expected shape [", logits.size(0), ", k <= ", logits.size(1), "], got ",
+                  ids.sizes());
+  check_device(grad_weights, "grad_weights");
+  check_same_device(grad_weights, logits, "grad_weights");
+  check_dtype(grad_weights, at::kFloat, "grad_weights");
+  check_contiguous(grad_weights, "grad_weights");
+  MOE_CHECK_VALUE(grad_weights.sizes() == ids.sizes(), "grad_weights", "expected shape ",
+                  ids.sizes(), ", got ", grad_weights.sizes());
+
+  const c10::DeviceGuard guard(logits.device());
+  at::Tensor grad_logits = at::empty_like(logits);
+  TopkGatingBackwardParams p;
+  p.logits = logits.data_ptr();
+  p.dtype = float_dtype(logits, "logits");
+  p.ids = ids.data_ptr<int32_t>();
+  p.grad_weights = grad_weights.data_ptr<float>();
+  p.num_tokens = logits.size(0);
+  p.num_experts = static_cast<int>(logits.size(1));
+  p.k = static_cast<int>(ids.size(1));
+  p.scoring = parse_scoring(scoring);
+  p.renormalize = renormalize;
+  p.scaling_factor = static_cast<float>(scaling_factor);
+  p.grad_logits = grad_logits.data_ptr();
+  launch_topk_gating_backward(p, current_stream(logits));
+  return grad_logits;
+}
+
+at::Tensor router_stats(const at::Tensor& ids, int64_t num_experts) {
+  check_device(ids, "ids");
+  check_dtype(ids, at::kInt, "ids");
+  check_contiguous(ids, "ids");
+  MOE_CHECK_VALUE(num_experts >= 1 && num_experts <= 65536, "num_experts",
+                  "expected 1 <= num_experts <= 65536, got ", num_experts);
+  const c10::DeviceGuard guard(ids.device());
+  at::Tensor counts = at::zeros({num_experts}, ids.options().dtype(at::kInt));
+  RouterStatsParams p;
+  p.ids = ids.data_ptr<int32_t>();
+  p.n = ids.numel();
+  p.num_experts = static_cast<int>(num_experts);
+  p.counts = counts.data_ptr<int32_t>();
+  launch_router_stats(p, current_stream(ids));
+  return counts;
+}
+
+std::tuple<at::Tensor, at::Tensor> expert_choice_gating(const at::Tensor& logits,
+                                                        int64_t capacity) {
+  check_logits(logits);
+  MOE_CHECK_VALUE(logits.size(0) < (int64_t{1} << 31), "logits", "expected fewer than 2^31 tokens");
+  MOE_CHECK_VALUE(capacity >= 0 && capacity < (int64_t{1} << 31), "capacity",
+                  "expected 0 <= capacity < 2^31, got ", capacity);
+  const c10::DeviceGuard guard(logits.device());
+  const int64_t num_tokens = logits.size(0);
+  const int64_t num_experts = logits.size(1);
+  at::Tensor token_idx = at::empty({num_experts, capacity}, logits.options().dtype(at::kInt));
+  at::Tensor weights = at::empty({num_experts, capacity}, logits.options().dtype(at::kFloat));
+  at::Tensor row_stats = at::empty({num_tokens, 2}, logits.options().dtype(at::kFloat));
+  ExpertChoiceParams p;
+  p.logits = logits.data_ptr();
+  p.dtype = float_dtype(logits, "logits");
+  p.num_tokens = num_tokens;
+  p.num_experts = static_cast<int>(num_experts);
+  p.capacity = capacity;
+  p.row_stats = row_stats.data_ptr<float>();
+  p.token_idx = token_idx.data_ptr<int32_t>();
+  p.weights = weights.data_ptr<float>();
+  launch_expert_choice_gating(p, current_stream(logits));
+  return {token_idx, weights};
+}
+
+std::tuple<at::Tensor, at::Tensor> hash_gating(const at::Tensor& token_ids, int64_t num_experts,
+                                               int64_t k) {
+  check_device(token_ids, "token_ids");
+  check_dim(token_ids, 1, "token_ids");
+  check_contiguous(token_ids, "token_ids");
+  MOE_CHECK_TYPE(token_ids.scalar_type() == at::kInt || token_ids.scalar_type() == at::kLong,
+                 "token_ids", "expected int32 or int64, got ", token_ids.scalar_type());
+  MOE_CHECK_VALUE(num_experts >= 1 && num_experts <= 65536, "num_experts",
+                  "expected 1 <= num_experts <= 65536, got ", num_experts);
+  MOE_CHECK_VALUE(k >= 1 && k <= num_experts, "k", "expected 1 <= k <= num_experts (",
+                  num_experts, "), got ", k);
+  const c10::DeviceGuard guard(token_ids.device());
+  const int64_t num_tokens = token_ids.size(0);
+  at::Tensor weights = at::empty({num_tokens, k}, token_ids.options().dtype(at::kFloat));
+  at::Tensor ids = at::empty({num_tokens, k}, token_ids.options().dtype(at::kInt));
+  HashGatingParams p;
+  p.token_ids = token_ids.data_ptr();
+  p.ids_are_64bit = token_ids.scalar_type() == at::kLong;
+  p.num_tokens = num_tokens;
+  p.num_experts = static_cast<int>(num_experts);
+  p.k = static_cast<int>(k);
+  p.multiplier = static_cast<int>(hash_multiplier(num_experts));
+  p.weights = weights.data_ptr<float>();
+  p.ids = ids.data_ptr<int32_t>();
+  launch_hash_gating(p, current_stream(token_ids));
+  return {weights, ids};
+}
+
+// The expert permutation of hash_gating: the smallest integer >= round(0.618034 * E) that is
+// coprime to E (golden-ratio stride: consecutive slots land far apart). E = 1 gives 1.
+int64_t hash_multiplier(int64_t num_experts) {
+  int64_t a = std::max<int64_t>(1, static_cast<int64_t>(0.6180339887 * num_experts + 0.5));
+  while (std::gcd(a, num_experts) != 1) ++a;
+  return a;
 }
 
 }  // namespace moe

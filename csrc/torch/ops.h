@@ -4,12 +4,26 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <string>
 #include <tuple>
 
 namespace moe {
 
 std::tuple<at::Tensor, at::Tensor> topk_gating(const at::Tensor& logits, int64_t k,
-                                               bool renormalize);
+                                               bool renormalize, const std::string& scoring,
+                                               const std::optional<at::Tensor>& bias,
+                                               int64_t num_groups, int64_t topk_groups,
+                                               const std::string& group_scoring,
+                                               double scaling_factor);
+at::Tensor topk_gating_backward(const at::Tensor& grad_weights, const at::Tensor& logits,
+                                const at::Tensor& ids, const std::string& scoring,
+                                bool renormalize, double scaling_factor);
+at::Tensor router_stats(const at::Tensor& ids, int64_t num_experts);
+std::tuple<at::Tensor, at::Tensor> expert_choice_gating(const at::Tensor& logits,
+                                                        int64_t capacity);
+std::tuple<at::Tensor, at::Tensor> hash_gating(const at::Tensor& token_ids, int64_t num_experts,
+                                               int64_t k);
+int64_t hash_multiplier(int64_t num_experts);
 
 // Token permutation; capacity -1 means dropless. Returns (x_perm, row_map, offsets,
 // num_rows, weights_perm or None).

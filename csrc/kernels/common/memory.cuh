@@ -27,6 +27,12 @@ struct Vec16 {
   static constexpr int size = 16 / sizeof(T);
 };
 
+// Loads 16 bytes (Vec16<T>::size elements) from a 16-byte aligned address, as raw bits.
+template <typename T>
+__device__ __forceinline__ uint4 load_vec16(const T* src) {
+  return *reinterpret_cast<const uint4*>(src);
+}
+
 // Loads 16 bytes (Vec16<T>::size elements) from a 16-byte aligned address as fp32.
 template <typename T>
 __device__ __forceinline__ void load_vec16_as_float(const T* src, float* dst) {
@@ -35,7 +41,7 @@ __device__ __forceinline__ void load_vec16_as_float(const T* src, float* dst) {
     uint4 raw;
     T elems[N];
   } v;
-  v.raw = *reinterpret_cast<const uint4*>(src);
+  v.raw = load_vec16(src);
 #pragma unroll
   for (int i = 0; i < N; ++i) dst[i] = to_float(v.elems[i]);
 }

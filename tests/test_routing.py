@@ -1,0 +1,724 @@
+"""Routing beyond plain softmax top-k: sigmoid scoring, selection bias, group-limited
+choice, scaling (kernels vs reference vs a naive per-token loop), the backward kernel vs
+torch.autograd through the reference, router statistics and losses, the bias update,
+expert-choice and hash routing, and bad input."""
+
+import math
+from collections import Counter
+
+import pytest
+import torch
+
+import moe_kernels
+from moe_kernels import reference
+from conftest import device_of, native, run
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+GRID_EXPERTS = [3, 8, 60, 64, 128, 160, 256, 384, 512, 1000, 4096]
+GRID_KS = [1, 2, 4, 6, 8, 10, 22, 32]
+# (scoring, with bias) combinations.
+SCORINGS = [("softmax", False), ("softmax", True), ("sigmoid", False), ("sigmoid", True)]
+
+# Weights: float32 arithmetic on exactly converted logits in every implementation; they
+# differ only in exp()/sigmoid rounding and summation order, a few float32 ulp of values
+# <= 1 (measured <= 1.2e-7 absolute). rtol 1e-5 leaves room for the GPU's expf (2 ulp);
+# atol scales with scaling_factor.
+def weight_tol(scaling_factor=1.0):
+    return dict(rtol=1e-5, atol=1e-6 * max(1.0, abs(scaling_factor)))
+
+
+# Selection on computed values (score + bias, group scores) can flip between
+# implementations only where two values are closer than their rounding error: a few
+# float32 ulp of values below ~4 (<= 2e-6). Tokens whose deciding gap is below this margin
+# are not compared on ids (ties, gap 0, are exact in all implementations: equal inputs give
+# equal values, and the lower index wins everywhere).
+SELECTION_MARGIN = 1e-5
+
+
+def naive_topk_gating(logits, k, scoring="softmax", bias=None, num_groups=1, topk_groups=None,
+                      group_scoring="top2_sum", renormalize=False, scaling_factor=1.0):
+    """Independent oracle: float64 math and Python sorts per token. Also returns, per
+    token, the smallest nonzero gap between computed values whose order decides the output
+    (inf when only exact logit comparisons decide it)."""
+    num_experts = logits.shape[1]
+    group_size = num_experts // num_groups
+    topk_groups = topk_groups or num_groups
+    b = bias.double().tolist() if bias is not None else [0.0] * num_experts
+    key = lambda v: float("-inf") if math.isnan(v) else v  # noqa: E731
+    all_w, all_ids, margins = [], [], []
+    for row in logits.double().tolist():
+        if scoring == "softmax":
+            finite_max = max((v for v in row if not math.isnan(v)), default=float("nan"))
+            exps = [math.exp(v - finite_max) for v in row]
+            scores = [e / sum(exps) for e in exps]
+        else:
+            scores = [0.5 * (1.0 + math.tanh(v / 2.0)) for v in row]  # sigmoid, no overflow
+        biased = [scores[e] + b[e] for e in range(num_experts)]
+        selection = biased if bias is not None else row
+        gaps = []
+        eligible = range(num_experts)
+        if num_groups > 1:
+            group_score = []
+            for n in range(num_groups):
+                top = sorted((key(v) for v in biased[n * group_size:(n + 1) * group_size]), reverse=True)
+                group_score.append(top[0] if group_scoring == "max" else top[0] + top[1])
+            order = sorted(range(num_groups), key=lambda n: (-key(group_score[n]), n))
+            if topk_groups < num_groups:
+                gaps.append(group_score[order[topk_groups - 1]] - group_score[order[topk_groups]])
+            eligible = [e for n in sorted(order[:topk_groups])
+                        for e in range(n * group_size, (n + 1) * group_size)]
+        ranked = sorted(eligible, key=lambda e: (-key(selection[e]), e))
+        ids = ranked[:k]
+        if bias is not None:
+            deciding = [key(selection[e]) for e in ranked[:k + 1]]
+            gaps += [u - v for u, v in zip(deciding, deciding[1:])]
+        w = [scores[e] for e in ids]
+        if renormalize:
+            w = [v / sum(w) for v in w]
+        w = [v * scaling_factor for v in w]
+        if any(math.isnan(v) for v in row):
+            w = [float("nan")] * k
+        all_w.append(w)
+        all_ids.append(ids)
+        margins.append(min((g for g in gaps if g > 0), default=float("inf")))
+    return (torch.tensor(all_w, dtype=torch.float64).view(-1, k),
+            torch.tensor(all_ids, dtype=torch.int32).view(-1, k),
+            torch.tensor(margins, dtype=torch.float64))
+
+
+def make_logits(tokens, experts, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(tokens, experts, generator=g) * 2).to(dtype)
+
+
+def make_bias(experts, seed=1):
+    # The scale of DeepSeek-V3's learned correction bias relative to sigmoid scores.
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(experts, generator=g) * 0.1
+
+
+def assert_routing_matches(weights, ids, expected_weights, expected_ids, margins, scaling_factor=1.0):
+    """ids equal and weights close on the tokens whose decision is well separated; at
+    least half of the tokens must be compared (else the test shape says nothing)."""
+    decided = margins > SELECTION_MARGIN
+    assert decided.float().mean() >= 0.5, f"only {int(decided.sum())}/{len(decided)} tokens decidable"
+    assert torch.equal(ids.cpu()[decided], expected_ids[decided])
+    torch.testing.assert_close(weights.cpu()[decided].double(), expected_weights[decided].double(),
+                               **weight_tol(scaling_factor))
+
+
+def group_config(experts, k):
+    """A group-limited configuration valid for (experts, k), or None: the first of 8, 4, 3,
+    2 groups dividing E with at least 2 experts each, half of them eligible (more if k
+    needs it)."""
+    for groups in (8, 4, 3, 2):
+        if experts % groups == 0 and experts // groups >= 2:
+            size = experts // groups
+            topk_groups = max(groups // 2, -(-k // size))
+            if topk_groups <= groups:
+                return groups, topk_groups
+    return None
+
+
+# ----------------------------------------------------------------------------------------
+# The reference against the naive loop.
+
+@pytest.mark.parametrize("scoring,with_bias", SCORINGS)
+@pytest.mark.parametrize("experts,k", [(3, 2), (8, 2), (60, 4), (160, 6), (256, 8), (384, 8)])
+def test_reference_matches_naive_loop(experts, k, scoring, with_bias):
+    bias = make_bias(experts) if with_bias else None
+    for renormalize, scaling in ((False, 1.0), (True, 2.5)):
+        for dtype in DTYPES:
+            logits = make_logits(23, experts, dtype, seed=experts + k)
+            cfg = dict(scoring=scoring, bias=bias, renormalize=renormalize, scaling_factor=scaling)
+            w, ids = reference.topk_gating(logits, k, **cfg)
+            assert_routing_matches(w, ids, *naive_topk_gating(logits, k, **cfg), scaling)
+
+
+@pytest.mark.parametrize("group_scoring", ["top2_sum", "max"])
+@pytest.mark.parametrize("scoring,with_bias", SCORINGS)
+@pytest.mark.parametrize("experts,k,groups,topk_groups", [
+    (8, 2, 4, 2), (60, 4, 6, 3), (160, 6, 8, 3), (256, 8, 8, 4), (384, 10, 12, 1)])
+def test_reference_groups_match_naive_loop(experts, k, groups, topk_groups, scoring, with_bias,
+                                           group_scoring):
+    bias = make_bias(experts) if with_bias else None
+    for dtype in DTYPES:
+        logits = make_logits(23, experts, dtype, seed=experts)
+        cfg = dict(scoring=scoring, bias=bias, num_groups=groups, topk_groups=topk_groups,
+                   group_scoring=group_scoring, renormalize=True)
+        w, ids = reference.topk_gating(logits, k, **cfg)
+        assert_routing_matches(w, ids, *naive_topk_gating(logits, k, **cfg))
+
+
+# ----------------------------------------------------------------------------------------
+# Kernels against the reference, over the issue's grid.
+
+def grid_pairs():
+    return [(e, k) for e in GRID_EXPERTS for k in GRID_KS if k <= e]
+
+
+def check_kernel(kernel_backend, logits, k, **cfg):
+    w, ids = run(kernel_backend, moe_kernels.topk_gating, logits.to(device_of(kernel_backend)), k, **cfg)
+    assert w.dtype == torch.float32 and ids.dtype == torch.int32 and w.shape == ids.shape == (logits.shape[0], k)
+    ref_w, ref_ids = reference.topk_gating(logits, k, **cfg)
+    naive_w, naive_ids, margins = naive_topk_gating(logits, k, **cfg)
+    scaling = cfg.get("scaling_factor", 1.0)
+    assert_routing_matches(w, ids, ref_w, ref_ids, margins, scaling)
+    # The oracle is already computed: the reference is checked on the whole grid too.
+    assert_routing_matches(ref_w, ref_ids, naive_w, naive_ids, margins, scaling)
+
+
+@pytest.mark.parametrize("experts,k", grid_pairs())
+def test_kernel_grid(kernel_backend, experts, k):
+    # Emulated cost grows with E: fewer tokens for wide rows (odd counts: partial blocks).
+    tokens = 7 if experts <= 512 else 3
+    for i, (scoring, with_bias) in enumerate(SCORINGS):
+        for j, dtype in enumerate(DTYPES):
+            logits = make_logits(tokens, experts, dtype, seed=experts * 100 + k * 10 + i)
+            bias = make_bias(experts, seed=k) if with_bias else None
+            renormalize = (i + j) % 2 == 0
+            check_kernel(kernel_backend, logits, k, scoring=scoring, bias=bias,
+                         renormalize=renormalize, scaling_factor=1.0 if j != 1 else 2.5)
+
+
+@pytest.mark.parametrize("experts,k", [p for p in grid_pairs() if group_config(*p)])
+def test_kernel_grid_groups(kernel_backend, experts, k):
+    groups, topk_groups = group_config(experts, k)
+    tokens = 5 if experts <= 512 else 2
+    for i, (scoring, with_bias) in enumerate(SCORINGS):
+        for j, dtype in enumerate(DTYPES):
+            logits = make_logits(tokens, experts, dtype, seed=experts + k + i)
+            bias = make_bias(experts, seed=k) if with_bias else None
+            group_scoring = "top2_sum" if (i + j) % 2 == 0 else "max"
+            check_kernel(kernel_backend, logits, k, scoring=scoring, bias=bias, num_groups=groups,
+                         topk_groups=topk_groups, group_scoring=group_scoring,
+                         renormalize=j != 2, scaling_factor=2.5)
+
+
+@pytest.mark.parametrize("preset", [
+    # DeepSeek-V3, DeepSeek-V2, Kimi K2, Qwen3-Next (DESIGN.md section 6)
+    (256, 8, dict(scoring="sigmoid", bias=True, num_groups=8, topk_groups=4,
+                  group_scoring="top2_sum", renormalize=True, scaling_factor=2.5)),
+    (160, 6, dict(scoring="softmax", num_groups=8, topk_groups=3, group_scoring="max",
+                  scaling_factor=16.0)),
+    (384, 8, dict(scoring="sigmoid", bias=True, renormalize=True, scaling_factor=2.827)),
+    (512, 10, dict(scoring="softmax", renormalize=True)),
+], ids=["deepseek-v3", "deepseek-v2", "kimi-k2", "qwen3-next"])
+def test_kernel_model_presets(kernel_backend, preset):
+    experts, k, cfg = preset
+    cfg = dict(cfg, bias=make_bias(experts) if cfg.get("bias") else None)
+    for dtype in DTYPES:
+        check_kernel(kernel_backend, make_logits(67, experts, dtype, seed=experts), k, **cfg)
+
+
+def test_group_limit_keeps_choice_inside_best_groups(backend):
+    # Property check without an oracle: every chosen expert lies in one of topk_groups groups.
+    logits = make_logits(33, 256, seed=5)
+    _, ids = run(backend, moe_kernels.topk_gating, logits.to(device_of(backend)), 8,
+                 scoring="sigmoid", num_groups=8, topk_groups=2)
+    for row in ids.cpu().tolist():
+        assert len({e // 32 for e in row}) <= 2
+
+
+def test_bias_steers_selection_not_weights(backend):
+    logits = make_logits(9, 64, seed=3)
+    bias = torch.zeros(64)
+    bias[41] = 10.0  # expert 41 wins every token whatever its logit
+    dev = device_of(backend)
+    for scoring in ("softmax", "sigmoid"):
+        w, ids = run(backend, moe_kernels.topk_gating, logits.to(dev), 2, scoring=scoring,
+                     bias=bias.to(dev))
+        assert (ids[:, 0].cpu() == 41).all()
+        unbiased = reference.routing_scores(logits, scoring)
+        torch.testing.assert_close(w.cpu(), unbiased.gather(1, ids.cpu().long()), **weight_tol())
+
+
+def test_gpt_oss_is_softmax_renormalize(backend):
+    # GPT-OSS: top-k of the logits, then softmax over the k selected logits.
+    logits = make_logits(41, 128, seed=7)
+    top = torch.topk(logits, 4, dim=-1)
+    gpt_oss_weights = torch.softmax(top.values, dim=-1)
+    w, ids = run(backend, moe_kernels.topk_gating, logits.to(device_of(backend)), 4,
+                 scoring="softmax", renormalize=True)
+    assert torch.equal(ids.cpu().long(), top.indices)
+    torch.testing.assert_close(w.cpu(), gpt_oss_weights, **weight_tol())
+
+
+@pytest.mark.parametrize("experts", [16, 128])
+def test_llama4_is_sigmoid_top1(backend, experts):
+    # Llama 4: the argmax expert, weighted by the sigmoid of its logit, no renormalize.
+    logits = make_logits(41, experts, seed=experts)
+    best = logits.max(dim=-1)
+    w, ids = run(backend, moe_kernels.topk_gating, logits.to(device_of(backend)), 1, scoring="sigmoid")
+    assert torch.equal(ids.cpu()[:, 0].long(), best.indices)
+    torch.testing.assert_close(w.cpu()[:, 0], torch.sigmoid(best.values), **weight_tol())
+
+
+def test_ties_with_bias_and_groups_go_to_lower_index(backend):
+    dev = device_of(backend)
+    logits = torch.zeros(2, 16, device=dev)  # every expert and every group ties
+    _, ids = run(backend, moe_kernels.topk_gating, logits, 3, scoring="sigmoid",
+                 bias=torch.zeros(16, device=dev), num_groups=4, topk_groups=2)
+    assert ids.cpu().tolist() == [[0, 1, 2]] * 2
+    # Groups 1 and 3 tie above the rest: the lower (1) and then 3 stay eligible.
+    logits[:, 4:8] = 1.0
+    logits[:, 12:16] = 1.0
+    _, ids = run(backend, moe_kernels.topk_gating, logits, 6, scoring="sigmoid",
+                 num_groups=4, topk_groups=2, group_scoring="max")
+    assert ids.cpu().tolist() == [[4, 5, 6, 7, 12, 13]] * 2
+
+
+@pytest.mark.parametrize("scoring,with_bias", SCORINGS)
+def test_nan_logits_rank_last_and_poison_the_token(backend, scoring, with_bias):
+    dev = device_of(backend)
+    logits = make_logits(3, 16, seed=2)
+    logits[1, 0] = float("nan")
+    logits[1, 5] = 100.0
+    bias = torch.zeros(16) if with_bias else None
+    cfg = dict(scoring=scoring, bias=bias, renormalize=True)
+    w, ids = run(backend, moe_kernels.topk_gating, logits.to(dev), 16,
+                 **dict(cfg, bias=bias.to(dev) if with_bias else None))
+    w, ids = w.cpu(), ids.cpu()
+    if scoring == "softmax" and with_bias:
+        # score + bias: a NaN logit makes every softmax score of its token NaN, so all
+        # selection values rank as -inf and the ties go in index order.
+        assert ids[1].tolist() == list(range(16))
+    else:
+        assert ids[1, 0] == 5 and ids[1, -1] == 0  # the NaN logit ranks last
+    assert torch.isnan(w[1]).all() and torch.isfinite(w[[0, 2]]).all()
+    assert torch.equal(ids, reference.topk_gating(logits, 16, **cfg)[1])
+
+
+def test_grouped_deterministic(kernel_backend):
+    logits = make_logits(129, 256, torch.bfloat16).to(device_of(kernel_backend))
+    cfg = dict(scoring="sigmoid", bias=make_bias(256).to(logits.device), num_groups=8, topk_groups=4)
+    first = run(kernel_backend, moe_kernels.topk_gating, logits, 8, **cfg)
+    second = run(kernel_backend, moe_kernels.topk_gating, logits, 8, **cfg)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+# ----------------------------------------------------------------------------------------
+# Backward: the kernel against torch.autograd through the reference.
+
+# float32: both sides compute the same closed form in float32 with different rounding
+# order; terms are O(1) products of O(1) values (scaling up to 2.5): a few ulp. Half
+# types: the gradient is rounded to the logits' dtype, so within one ulp of the dtype
+# (2^-8 bfloat16, 2^-11 float16 relative) plus float32 noise near zero.
+GRAD_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float16: dict(rtol=1e-3, atol=1e-5),
+            torch.bfloat16: dict(rtol=8e-3, atol=1e-5)}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("renormalize,scaling", [(False, 1.0), (True, 1.0), (True, 2.5), (False, 16.0)])
+@pytest.mark.parametrize("experts,k", [(8, 2), (60, 4), (256, 8), (1000, 33)])
+def test_backward_matches_autograd(kernel_backend, experts, k, scoring, renormalize, scaling, dtype):
+    dev = device_of(kernel_backend)
+    logits = make_logits(19, experts, dtype, seed=experts + k)
+    grad_w = torch.randn(19, k, generator=torch.Generator().manual_seed(k))
+    # Groups and bias change only the selection; the gradient follows the chosen ids.
+    cfg = dict(scoring=scoring, renormalize=renormalize, scaling_factor=scaling)
+    if experts == 256:
+        cfg.update(bias=make_bias(256), num_groups=8, topk_groups=4)
+
+    ref_logits = logits.clone().requires_grad_(True)
+    ref_w, ref_ids = reference.topk_gating(ref_logits, k, **cfg)
+    (ref_w * grad_w).sum().backward()
+
+    kernel_logits = logits.to(dev).requires_grad_(True)
+    if "bias" in cfg:
+        cfg["bias"] = cfg["bias"].to(dev).requires_grad_(True)
+    w, ids = run(kernel_backend, moe_kernels.topk_gating, kernel_logits, k, **cfg)
+    assert torch.equal(ids.cpu(), ref_ids)
+    (w * grad_w.to(dev)).sum().backward()
+    assert kernel_logits.grad.dtype == dtype
+    torch.testing.assert_close(kernel_logits.grad.cpu(), ref_logits.grad, **GRAD_TOL[dtype])
+    if "bias" in cfg:
+        assert cfg["bias"].grad is None  # selection only: no gradient
+
+
+def test_backward_softmax_renormalize_zero_off_selection(kernel_backend):
+    # Renormalized softmax weights are a softmax over the chosen logits only.
+    logits = make_logits(5, 64).to(device_of(kernel_backend)).requires_grad_(True)
+    w, ids = run(kernel_backend, moe_kernels.topk_gating, logits, 4, renormalize=True)
+    w[:, 0].sum().backward()
+    grad = logits.grad.cpu()
+    off = torch.ones_like(grad, dtype=torch.bool).scatter_(1, ids.cpu().long(), False)
+    assert grad[off].abs().max() == 0
+
+
+def test_backward_empty(kernel_backend):
+    logits = torch.zeros(0, 8, device=device_of(kernel_backend), requires_grad=True)
+    w, _ = run(kernel_backend, moe_kernels.topk_gating, logits, 2)
+    w.sum().backward()
+    assert logits.grad.shape == (0, 8)
+
+
+def test_backward_adapter_checks():
+    mod = native("simt")
+    logits, ids, g = torch.randn(4, 8), torch.zeros(4, 2, dtype=torch.int32), torch.zeros(4, 2)
+    with pytest.raises(TypeError, match="ids: expected dtype"):
+        mod.topk_gating_backward(g, logits, ids.long(), "softmax", False, 1.0)
+    with pytest.raises(ValueError, match="ids: expected shape"):
+        mod.topk_gating_backward(g, logits, ids[:3], "softmax", False, 1.0)
+    with pytest.raises(ValueError, match="grad_weights: expected shape"):
+        mod.topk_gating_backward(torch.zeros(4, 1), logits, ids, "softmax", False, 1.0)
+    with pytest.raises(ValueError, match="scoring: expected"):
+        mod.topk_gating_backward(g, logits, ids, "relu", False, 1.0)
+    # ids out of range are skipped, never read or written out of bounds
+    out = mod.topk_gating_backward(torch.ones(4, 2), logits, ids - 5, "sigmoid", False, 1.0)
+    assert torch.equal(out, torch.zeros(4, 8))
+
+
+# ----------------------------------------------------------------------------------------
+# Router statistics, losses and the bias update.
+
+@pytest.mark.parametrize("experts,shape", [(8, (37, 2)), (160, (257, 6)), (4096, (65, 32)),
+                                           (5000, (3000,)), (3, (0, 2)),
+                                           (20000, (4000,))])  # > 12288: global counters
+def test_router_stats(backend, experts, shape):
+    g = torch.Generator().manual_seed(experts)
+    ids = torch.randint(-1, experts, shape, generator=g, dtype=torch.int32)  # -1: not counted
+    counts = run(backend, moe_kernels.router_stats, ids.to(device_of(backend)), experts)
+    assert counts.dtype == torch.int32 and counts.shape == (experts,)
+    naive = Counter(e for e in ids.flatten().tolist() if e >= 0)
+    assert counts.cpu().tolist() == [naive[e] for e in range(experts)]
+
+
+def test_router_stats_counts_topk_ids(kernel_backend):
+    logits = make_logits(513, 64, seed=4)
+    _, ids = reference.topk_gating(logits, 8)
+    counts = run(kernel_backend, moe_kernels.router_stats, ids.to(device_of(kernel_backend)), 64)
+    assert torch.equal(counts.cpu(), reference.router_stats(ids, 64))
+    assert counts.sum() == 513 * 8
+
+
+def test_load_balancing_loss(backend):
+    logits = make_logits(45, 16, seed=8)
+    _, ids = reference.topk_gating(logits, 2)
+    dev = device_of(backend)
+    x = logits.to(dev).requires_grad_(True)
+    loss = run(backend, moe_kernels.load_balancing_loss, x, ids.to(dev), 16, alpha=0.02)
+    # Naive: f_i = share of the T*k assignments, P_i = mean softmax probability.
+    probs = torch.softmax(logits.double(), -1)
+    f = torch.tensor([sum(r.count(e) for r in ids.tolist()) / ids.numel() for e in range(16)],
+                     dtype=torch.float64)
+    expected = 0.02 * 16 * sum(f[e] * probs[:, e].mean() for e in range(16))
+    torch.testing.assert_close(loss.double().cpu(), expected, rtol=1e-5, atol=1e-7)
+    loss.backward()
+    # d loss / d x_tj = alpha * E / T * p_tj * (f_j - sum_i f_i p_ti)
+    analytic = 0.02 * 16 / 45 * probs * (f - (probs * f).sum(-1, keepdim=True))
+    torch.testing.assert_close(x.grad.cpu().double(), analytic, rtol=1e-4, atol=1e-8)
+
+
+def test_load_balancing_loss_uniform_router_is_alpha(backend):
+    dev = device_of(backend)
+    ids = (torch.arange(32, dtype=torch.int32) % 8).view(16, 2).to(dev)  # every expert 4 times
+    loss = run(backend, moe_kernels.load_balancing_loss, torch.zeros(16, 8, device=dev), ids, 8, alpha=0.5)
+    assert loss.item() == pytest.approx(0.5)
+
+
+def test_router_z_loss(backend):
+    logits = make_logits(13, 10, seed=9)
+    x = logits.to(device_of(backend)).requires_grad_(True)
+    loss = run(backend, moe_kernels.router_z_loss, x)
+    rows = logits.double().tolist()
+    lse = [max(r) + math.log(sum(math.exp(v - max(r)) for v in r)) for r in rows]
+    assert loss.item() == pytest.approx(sum(v * v for v in lse) / len(lse), rel=1e-6)
+    loss.backward()
+    analytic = 2.0 / 13 * torch.tensor(lse, dtype=torch.float64)[:, None] * torch.softmax(logits.double(), -1)
+    torch.testing.assert_close(x.grad.cpu().double(), analytic, rtol=1e-5, atol=1e-8)
+
+
+def test_update_routing_bias(backend):
+    dev = device_of(backend)
+    bias = torch.tensor([0.0, 0.5, -0.5, 1.0], device=dev)
+    counts = torch.tensor([10, 2, 4, 0], dtype=torch.int32, device=dev)  # mean 4
+    out = run(backend, moe_kernels.update_routing_bias, bias, counts, 0.25)
+    assert out is bias  # in place
+    # over-loaded (10) down, under-loaded (2, 0) up, exactly balanced (4) unchanged
+    assert bias.cpu().tolist() == [-0.25, 0.75, -0.5, 1.25]
+
+
+def test_update_routing_bias_balances_a_skewed_router(backend):
+    # Closed loop: a strong static preference gets evened out by the bias alone.
+    dev = device_of(backend)
+    logits = (make_logits(256, 16, seed=3) + torch.linspace(0, 3, 16)).to(dev)
+    bias = torch.zeros(16, device=dev)
+
+    def spread():
+        _, ids = run(backend, moe_kernels.topk_gating, logits, 2, scoring="sigmoid", bias=bias)
+        counts = run(backend, moe_kernels.router_stats, ids, 16)
+        return counts, (counts.max() - counts.min()).item()
+
+    _, before = spread()
+    for _ in range(40):
+        counts, _ = spread()
+        run(backend, moe_kernels.update_routing_bias, bias, counts, 0.005)
+    # sign updates settle into a small oscillation: max - min from 75 to ~11 assignments
+    assert spread()[1] < before / 4
+
+
+# ----------------------------------------------------------------------------------------
+# Expert-choice routing.
+
+def naive_expert_choice(logits, capacity):
+    """Per expert: sort its column of float64 softmax probabilities (ties: lower token)."""
+    probs = torch.softmax(logits.double(), -1).tolist()
+    T, E = len(probs), logits.shape[1]
+    idx, w, margins = [], [], []
+    for e in range(E):
+        order = sorted(range(T), key=lambda t: (-probs[t][e], t))
+        taken = order[:capacity]
+        idx.append(taken + [-1] * (capacity - len(taken)))
+        w.append([probs[t][e] for t in taken] + [0.0] * (capacity - len(taken)))
+        vals = [probs[t][e] for t in order[:capacity + 1]]
+        margins.append(min((a - b for a, b in zip(vals, vals[1:]) if a - b > 0), default=float("inf")))
+    return (torch.tensor(idx, dtype=torch.int32).view(E, capacity),
+            torch.tensor(w, dtype=torch.float64).view(E, capacity), torch.tensor(margins))
+
+
+# Probabilities of different tokens come from different normalizers; implementations may
+# order two within a few ulp differently. Experts whose deciding gap is below 1e-6 (>> the
+# 1e-7 absolute float32 error of a probability) are not compared on indices.
+CHOICE_MARGIN = 1e-6
+
+
+@pytest.mark.parametrize("tokens,experts,capacity", [(16, 8, 4), (37, 60, 5), (257, 16, 40),
+                                                     (5, 8, 9), (0, 4, 3), (12, 3, 0), (600, 2, 300),
+                                                     (12300, 2, 3)])  # > 12288: no smem cache
+def test_expert_choice(backend, tokens, experts, capacity):
+    for dtype in DTYPES:
+        logits = make_logits(tokens, experts, dtype, seed=tokens + experts)
+        idx, w = run(backend, moe_kernels.expert_choice_gating, logits.to(device_of(backend)), capacity)
+        assert idx.dtype == torch.int32 and w.dtype == torch.float32
+        assert idx.shape == w.shape == (experts, capacity)
+        naive_idx, naive_w, margins = naive_expert_choice(logits, capacity)
+        decided = margins > CHOICE_MARGIN
+        assert decided.float().mean() >= 0.5
+        assert torch.equal(idx.cpu()[decided], naive_idx[decided])
+        torch.testing.assert_close(w.cpu()[decided].double(), naive_w[decided], **weight_tol())
+        if backend != "reference":
+            ref_idx, ref_w = reference.expert_choice_gating(logits, capacity)
+            assert torch.equal(idx.cpu()[decided], ref_idx[decided])
+
+
+def test_expert_choice_ties_and_padding(backend):
+    logits = torch.zeros(3, 4, device=device_of(backend))  # every probability ties
+    idx, w = run(backend, moe_kernels.expert_choice_gating, logits, 5)
+    assert idx.cpu().tolist() == [[0, 1, 2, -1, -1]] * 4
+    assert w.cpu().tolist() == [[0.25, 0.25, 0.25, 0.0, 0.0]] * 4
+
+
+def test_expert_choice_nan_ranks_last(backend):
+    logits = make_logits(6, 4, seed=1)
+    logits[2, 1] = float("nan")  # token 2's probabilities are all NaN
+    idx, w = run(backend, moe_kernels.expert_choice_gating, logits.to(device_of(backend)), 6)
+    assert (idx[:, -1].cpu() == 2).all() and torch.isnan(w[:, -1].cpu()).all()
+    assert torch.isfinite(w[:, :-1].cpu()).all()
+
+
+# ----------------------------------------------------------------------------------------
+# Hash routing.
+
+@pytest.mark.parametrize("experts,k", [(1, 1), (3, 2), (8, 2), (60, 4), (64, 8), (160, 6), (384, 32),
+                                       (4096, 8), (7, 7)])
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
+def test_hash_gating(backend, experts, k, id_dtype):
+    start = -3 * experts - 1 if id_dtype == torch.int32 else 2**40 + 5
+    token_ids = torch.arange(start, start + 2 * experts, dtype=id_dtype)
+    w, ids = run(backend, moe_kernels.hash_gating, token_ids.to(device_of(backend)), experts, k)
+    w, ids = w.cpu(), ids.cpu()
+    assert ids.dtype == torch.int32 and ids.shape == w.shape == (2 * experts, k)
+    a = reference.hash_multiplier(experts)
+    assert math.gcd(a, experts) == 1
+    naive = [[a * (((t % experts) * k + j) % experts) % experts for j in range(k)]
+             for t in token_ids.tolist()]
+    assert ids.tolist() == naive
+    torch.testing.assert_close(w, torch.full((2 * experts, k), 1.0 / k))
+    assert all(len(set(row)) == k for row in naive)  # distinct experts per token
+    # Balance: any E consecutive token ids give each expert exactly k tokens.
+    for offset in (0, 1, experts // 2):
+        window = ids[offset:offset + experts].flatten().tolist()
+        assert Counter(window) == {e: k for e in range(experts)}
+
+
+def test_hash_multiplier_matches_native():
+    for experts in (1, 2, 3, 8, 60, 64, 100, 160, 384, 4096, 65536):
+        assert native("simt").hash_multiplier(experts) == reference.hash_multiplier(experts)
+
+
+def test_hash_gating_is_a_real_permutation():
+    # Not the identity: consecutive slots land on scattered experts.
+    _, ids = reference.hash_gating(torch.arange(4), 64, 4)
+    assert ids.flatten().tolist() != list(range(16))
+
+
+# ----------------------------------------------------------------------------------------
+# Bad input: each validated argument raises an error that names it.
+
+def call_topk(backend, k=2, experts=8, **kwargs):
+    logits = torch.randn(4, experts, device=device_of(backend))
+    return run(backend, moe_kernels.topk_gating, logits, k, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(scoring="relu"), ValueError, "scoring: expected 'softmax' or 'sigmoid'"),
+    (dict(scoring=None), ValueError, "scoring: expected"),
+    (dict(bias=torch.zeros(7)), ValueError, "bias: expected 8 elements"),
+    (dict(bias=torch.zeros(8, dtype=torch.float64)), TypeError, "bias: expected dtype float32"),
+    (dict(bias=torch.zeros(8, dtype=torch.bfloat16)), TypeError, "bias: expected dtype float32"),
+    (dict(bias=torch.zeros(1, 8)), ValueError, "bias: expected a 1-D tensor"),
+    (dict(bias=[0.0] * 8), TypeError, "bias: expected a torch.Tensor"),
+    (dict(bias=torch.zeros(16)[::2]), ValueError, "bias: expected a contiguous tensor"),
+    (dict(num_groups=3), ValueError, "num_groups: expected a divisor"),
+    (dict(num_groups=0), ValueError, "num_groups: expected"),
+    (dict(num_groups=16), ValueError, "num_groups: expected"),
+    (dict(num_groups=2.0), TypeError, "num_groups: expected an int"),
+    (dict(num_groups=4, topk_groups=5), ValueError, "topk_groups: expected 1 <= topk_groups <= 4"),
+    (dict(num_groups=4, topk_groups=0), ValueError, "topk_groups: expected"),
+    (dict(topk_groups=2), ValueError, "topk_groups: expected 1 <= topk_groups <= 1"),
+    (dict(num_groups=4, group_scoring="sum"), ValueError, "group_scoring: expected 'top2_sum' or 'max'"),
+    (dict(num_groups=8), ValueError, "group_scoring: 'top2_sum' needs at least 2 experts per group"),
+    (dict(k=3, num_groups=4, topk_groups=1), ValueError, "k: expected k <= the eligible experts"),
+    (dict(k=9), ValueError, "k: expected"),
+    (dict(renormalize=1), TypeError, "renormalize: expected a bool"),
+    (dict(scaling_factor="2"), TypeError, "scaling_factor: expected a number"),
+    (dict(scaling_factor=True), TypeError, "scaling_factor: expected a number"),
+    (dict(scaling_factor=float("inf")), ValueError, "scaling_factor: expected a finite number"),
+])
+def test_bad_topk_arguments(backend, kwargs, error, match):
+    kwargs = {key: (v.to(device_of(backend)) if isinstance(v, torch.Tensor) else v)
+              for key, v in kwargs.items()}
+    with pytest.raises(error, match=match):
+        call_topk(backend, **kwargs)
+
+
+def test_groups_of_one_expert_with_max(kernel_backend):
+    # 8 groups of 1: the 3 best groups are the 3 best experts.
+    check_kernel(kernel_backend, make_logits(9, 8, seed=4), 3, num_groups=8, topk_groups=3,
+                 group_scoring="max")
+
+
+def test_unaligned_bias_uses_scalar_loads(kernel_backend):
+    storage = make_bias(257)
+    bias = storage[1:]  # starts 4 bytes past a 16-byte boundary
+    assert bias.data_ptr() % 16 != 0
+    for experts, dtype in ((256, torch.float32), (256, torch.bfloat16)):
+        check_kernel(kernel_backend, make_logits(9, experts, dtype, seed=6), 8, scoring="sigmoid",
+                     bias=bias, num_groups=8, topk_groups=4, renormalize=True)
+
+
+def test_bias_on_another_device():
+    logits = torch.randn(4, 8, device="meta")
+    with pytest.raises(ValueError, match="bias: expected a tensor on meta"):
+        moe_kernels.topk_gating(logits, 2, bias=torch.zeros(8))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(scoring="relu"), "scoring: expected"),
+    (dict(bias=torch.zeros(7)), "bias: expected 8 elements"),
+    (dict(bias=torch.zeros(8, dtype=torch.float64)), "bias: expected dtype"),
+    (dict(num_groups=3), "num_groups: expected a divisor"),
+    (dict(num_groups=4, topk_groups=5), "topk_groups: expected"),
+    (dict(num_groups=4, group_scoring="sum"), "group_scoring: expected"),
+    (dict(num_groups=8, topk_groups=2), "group_scoring: 'top2_sum' needs"),
+    (dict(num_groups=4, topk_groups=1, k=3), "k: expected k <= the eligible experts"),
+])
+def test_native_adapter_checks_routing(kwargs, match):
+    """A direct call to the C++ adapter validates too: never a crash."""
+    k = kwargs.pop("k", 2)
+    with pytest.raises((ValueError, TypeError), match=match):
+        native("simt").topk_gating(torch.randn(4, 8), k, False, **kwargs)
+
+
+@pytest.mark.parametrize("args,error,match", [
+    ((torch.zeros(4, dtype=torch.int64), 8), TypeError, "ids: expected dtype int32"),
+    ((torch.zeros(4, dtype=torch.int32)[::2], 8), ValueError, "ids: expected a contiguous"),
+    ((torch.zeros(4, dtype=torch.int32), 0), ValueError, "num_experts: expected"),
+    ((torch.zeros(4, dtype=torch.int32), 65537), ValueError, "num_experts: expected"),
+    (([0, 1], 8), TypeError, "ids: expected a torch.Tensor"),
+])
+def test_bad_router_stats(backend, args, error, match):
+    ids, experts = args
+    if isinstance(ids, torch.Tensor):
+        ids = ids.to(device_of(backend))
+    with pytest.raises(error, match=match):
+        run(backend, moe_kernels.router_stats, ids, experts)
+
+
+def test_bad_losses(backend):
+    dev = device_of(backend)
+    logits, ids = torch.randn(4, 8, device=dev), torch.zeros(4, 2, dtype=torch.int32, device=dev)
+    f = moe_kernels.load_balancing_loss
+    with pytest.raises(ValueError, match="logits: expected 6 columns"):
+        run(backend, f, logits, ids, 6)
+    with pytest.raises(ValueError, match="ids: expected 4 rows"):
+        run(backend, f, logits, ids[:3], 8)
+    with pytest.raises(TypeError, match="ids: expected dtype int32"):
+        run(backend, f, logits, ids.long(), 8)
+    with pytest.raises(TypeError, match="alpha: expected a number"):
+        run(backend, f, logits, ids, 8, alpha=None)
+    with pytest.raises(TypeError, match="logits: expected dtype"):
+        run(backend, f, logits.double(), ids, 8)
+    with pytest.raises(ValueError, match="num_experts: expected"):
+        run(backend, f, logits, ids, 0)
+    with pytest.raises(ValueError, match="ids: expected a 2-D tensor"):
+        run(backend, f, logits, ids[:, 0].contiguous(), 8)
+    with pytest.raises(ValueError, match="logits: expected a 2-D tensor"):
+        run(backend, moe_kernels.router_z_loss, logits[0])
+
+
+def test_bad_update_routing_bias(backend):
+    dev = device_of(backend)
+    bias, counts = torch.zeros(4, device=dev), torch.zeros(4, dtype=torch.int32, device=dev)
+    f = moe_kernels.update_routing_bias
+    with pytest.raises(TypeError, match="bias: expected dtype float32"):
+        run(backend, f, bias.double(), counts, 0.1)
+    with pytest.raises(ValueError, match="counts: expected 4 elements"):
+        run(backend, f, bias, counts[:3], 0.1)
+    with pytest.raises(TypeError, match="counts: expected dtype"):
+        run(backend, f, bias, counts.to(torch.int8), 0.1)
+    with pytest.raises(TypeError, match="rate: expected a number"):
+        run(backend, f, bias, counts, "0.1")
+    with pytest.raises(ValueError, match="rate: expected a finite number"):
+        run(backend, f, bias, counts, float("nan"))
+
+
+def test_bad_expert_choice(backend):
+    dev = device_of(backend)
+    f = moe_kernels.expert_choice_gating
+    with pytest.raises(ValueError, match="capacity: expected"):
+        run(backend, f, torch.randn(4, 8, device=dev), -1)
+    with pytest.raises(TypeError, match="capacity: expected an int"):
+        run(backend, f, torch.randn(4, 8, device=dev), 2.0)
+    with pytest.raises(TypeError, match="logits: expected dtype"):
+        run(backend, f, torch.randn(4, 8, device=dev).double(), 2)
+    with pytest.raises(ValueError, match="logits: expected 1 to 4096 experts"):
+        run(backend, f, torch.randn(4, 0, device=dev), 2)
+
+
+def test_bad_hash_gating(backend):
+    dev = device_of(backend)
+    f = moe_kernels.hash_gating
+    ids = torch.arange(4, device=dev)
+    with pytest.raises(TypeError, match="token_ids: expected dtype int32, int64"):
+        run(backend, f, ids.float(), 8, 2)
+    with pytest.raises(ValueError, match="token_ids: expected a 1-D tensor"):
+        run(backend, f, ids.view(2, 2), 8, 2)
+    with pytest.raises(ValueError, match="num_experts: expected"):
+        run(backend, f, ids, 0, 1)
+    with pytest.raises(ValueError, match="k: expected 1 <= k <= 8"):
+        run(backend, f, ids, 8, 9)
+
+
+def test_native_adapter_checks_other_ops():
+    mod = native("simt")
+    with pytest.raises(ValueError, match="capacity: expected"):
+        mod.expert_choice_gating(torch.randn(4, 8), -1)
+    with pytest.raises(TypeError, match="token_ids: expected int32 or int64"):
+        mod.hash_gating(torch.zeros(4), 8, 2)
+    with pytest.raises(ValueError, match="k: expected"):
+        mod.hash_gating(torch.zeros(4, dtype=torch.int32), 8, 9)
+    with pytest.raises(TypeError, match="ids: expected dtype"):
+        mod.router_stats(torch.zeros(4), 8)
