@@ -7,7 +7,8 @@ import math
 import torch
 
 from . import reference
-from ._backend import native_module, selected_backend
+from ._backend import selected_backend
+from ._library import native_call
 from ._checks import FLOAT_DTYPES, check_int, check_tensor
 
 MAX_EXPERTS = 4096
@@ -52,21 +53,21 @@ class _TopkGatingFunction(torch.autograd.Function):
     only the weights carry gradient, and only to the logits."""
 
     @staticmethod
-    def forward(ctx, logits, bias, module, k, scoring, num_groups, topk_groups, group_scoring,
+    def forward(ctx, logits, bias, backend, k, scoring, num_groups, topk_groups, group_scoring,
                 renormalize, scaling_factor):
-        weights, ids = module.topk_gating(logits, k, renormalize, scoring, bias, num_groups,
-                                          topk_groups, group_scoring, scaling_factor)
+        weights, ids = native_call(backend, "topk_gating", logits, k, renormalize, scoring, bias,
+                                   num_groups, topk_groups, group_scoring, scaling_factor)
         ctx.save_for_backward(logits, ids)
         ctx.mark_non_differentiable(ids)
-        ctx.config = (module, scoring, renormalize, scaling_factor)
+        ctx.config = (backend, scoring, renormalize, scaling_factor)
         return weights, ids
 
     @staticmethod
     def backward(ctx, grad_weights, grad_ids):
         logits, ids = ctx.saved_tensors
-        module, scoring, renormalize, scaling_factor = ctx.config
-        grad_logits = module.topk_gating_backward(grad_weights.float().contiguous(), logits, ids,
-                                                  scoring, renormalize, scaling_factor)
+        backend, scoring, renormalize, scaling_factor = ctx.config
+        grad_logits = native_call(backend, "topk_gating_backward", grad_weights.float().contiguous(),
+                                  logits, ids, scoring, renormalize, scaling_factor)
         return (grad_logits,) + (None,) * 9
 
 
@@ -149,12 +150,11 @@ def topk_gating(logits, k, *, scoring="softmax", bias=None, num_groups=1, topk_g
         return reference.topk_gating(logits, k, scoring=scoring, bias=bias, num_groups=num_groups,
                                      topk_groups=topk_groups, group_scoring=group_scoring,
                                      renormalize=renormalize, scaling_factor=scaling_factor)
-    module = native_module(backend)
     if torch.is_grad_enabled() and logits.requires_grad:
-        return _TopkGatingFunction.apply(logits, bias, module, k, scoring, num_groups, topk_groups,
+        return _TopkGatingFunction.apply(logits, bias, backend, k, scoring, num_groups, topk_groups,
                                          group_scoring, renormalize, float(scaling_factor))
-    return module.topk_gating(logits, k, renormalize, scoring, bias, num_groups, topk_groups,
-                              group_scoring, float(scaling_factor))
+    return native_call(backend, "topk_gating", logits, k, renormalize, scoring, bias, num_groups,
+                       topk_groups, group_scoring, float(scaling_factor))
 
 
 def _check_ids(ids, name="ids"):
@@ -184,7 +184,7 @@ def router_stats(ids, num_experts):
     backend = selected_backend(ids, "ids")
     if backend == "reference":
         return reference.router_stats(ids, num_experts)
-    return native_module(backend).router_stats(ids, num_experts)
+    return native_call(backend, "router_stats", ids, num_experts)
 
 
 def load_balancing_loss(logits, ids, num_experts, alpha=0.01):
@@ -264,7 +264,7 @@ def expert_choice_gating(logits, capacity):
     backend = selected_backend(logits, "logits")
     if backend == "reference":
         return reference.expert_choice_gating(logits, capacity)
-    return native_module(backend).expert_choice_gating(logits, capacity)
+    return native_call(backend, "expert_choice_gating", logits, capacity)
 
 
 def hash_gating(token_ids, num_experts, k):
@@ -298,4 +298,4 @@ def hash_gating(token_ids, num_experts, k):
     backend = selected_backend(token_ids, "token_ids")
     if backend == "reference":
         return reference.hash_gating(token_ids, num_experts, k)
-    return native_module(backend).hash_gating(token_ids, num_experts, k)
+    return native_call(backend, "hash_gating", token_ids, num_experts, k)

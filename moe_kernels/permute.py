@@ -7,7 +7,8 @@ import math
 import torch
 
 from . import reference
-from ._backend import native_module, selected_backend
+from ._backend import selected_backend
+from ._library import native_call
 from ._checks import FLOAT_DTYPES, check_int, check_tensor
 
 MAX_EXPERTS = 4096
@@ -70,8 +71,9 @@ def _check_permute_args(x, ids, num_experts, capacity, align, drop_policy, weigh
         raise ValueError(f"expert_range: expected 0 <= start < end <= num_experts ({num_experts}), "
                          f"got ({start}, {end})")
     # Reading ids on a GPU would synchronize with the host: there, out-of-range ids are
-    # dropped (row_map -1) by the kernels instead. CPU ids are checked here.
-    if ids.device.type == "cpu" and ids.numel() > 0:
+    # dropped (row_map -1) by the kernels instead. CPU ids are checked here, in eager mode
+    # (a traced graph cannot depend on the data; the kernels drop them there too).
+    if ids.device.type == "cpu" and ids.numel() > 0 and not torch.compiler.is_compiling():
         low, high = int(ids.min()), int(ids.max())
         if low < 0 or high >= num_experts:
             raise ValueError(f"ids: expected expert ids in [0, {num_experts}), got values in "
@@ -81,10 +83,10 @@ def _check_permute_args(x, ids, num_experts, capacity, align, drop_policy, weigh
 
 class _PermuteFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weights, ids, num_experts, capacity, align, by_weight, start, end, module):
-        x_perm, row_map, offsets, num_rows, weights_perm = module.permute(
-            x, ids, weights, num_experts, capacity, align, by_weight, start, end)
-        ctx.module = module
+    def forward(ctx, x, weights, ids, num_experts, capacity, align, by_weight, start, end, backend):
+        x_perm, row_map, offsets, num_rows, weights_perm = native_call(
+            backend, "permute", x, ids, weights, num_experts, capacity, align, by_weight, start, end)
+        ctx.backend = backend
         ctx.save_for_backward(row_map)
         ctx.mark_non_differentiable(row_map, offsets, num_rows)
         return x_perm, row_map, offsets, num_rows, weights_perm
@@ -95,7 +97,7 @@ class _PermuteFunction(torch.autograd.Function):
         grad_x = grad_weights = None
         if ctx.needs_input_grad[0]:
             # x_perm[row_map[t, j]] = x[t]: the gradient sums a token's rows (an unpermute).
-            grad_x = ctx.module.unpermute(grad_x_perm.contiguous(), row_map, None)
+            grad_x = native_call(ctx.backend, "unpermute", grad_x_perm.contiguous(), row_map, None)
         if ctx.needs_input_grad[1]:
             kept = row_map >= 0
             if grad_weights_perm is None:
@@ -107,17 +109,17 @@ class _PermuteFunction(torch.autograd.Function):
 
 class _UnpermuteFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y_perm, weights, row_map, module):
-        ctx.module = module
+    def forward(ctx, y_perm, weights, row_map, backend):
+        ctx.backend = backend
         ctx.save_for_backward(y_perm, weights, row_map)
-        return module.unpermute(y_perm, row_map, weights)
+        return native_call(backend, "unpermute", y_perm, row_map, weights)
 
     @staticmethod
     def backward(ctx, grad_y):
         y_perm, weights, row_map = ctx.saved_tensors
         need_y, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_y_perm, grad_weights = ctx.module.unpermute_backward(
-            grad_y.contiguous(), y_perm, row_map, weights, need_y, need_w)
+        grad_y_perm, grad_weights = native_call(ctx.backend, "unpermute_backward", grad_y.contiguous(),
+                                                y_perm, row_map, weights, need_y, need_w)
         return grad_y_perm, grad_weights, None, None
 
 
@@ -157,10 +159,10 @@ def permute(x, ids, num_experts, *, capacity=None, align=1, drop_policy="positio
     PermuteResult (named tuple)
         x : ``[M, H]``, x.dtype. Rows grouped by expert ascending, inside an expert in
             (token, slot) order; a token routed twice to one expert gets two rows, in slot
-            order. Rows of a segment past its tokens (align padding, unused capacity) are
-            zero. Rows at or past ``offsets[E]`` belong to no segment and are left
-            unwritten (their content is unspecified): M is a static bound that can be far
-            above what the segments use, and writing it would cost bandwidth for nothing.
+            order. Rows without a token are zero: a segment's rows past its tokens (align
+            padding, unused capacity) and the rows at or past ``offsets[E]``, which belong
+            to no segment (M is a static bound; with a large align and few tokens, zeroing
+            that tail is most of the bandwidth).
             ``M = T*k + E*(align-1)`` dropless, ``E * round_up(capacity, align)`` with a
             capacity: independent of the ids (with an expert_range only the local experts'
             segments are used).
@@ -188,10 +190,9 @@ def permute(x, ids, num_experts, *, capacity=None, align=1, drop_policy="positio
         return PermuteResult(*reference.permute(
             x, ids, num_experts, capacity=capacity, align=align, drop_policy=drop_policy,
             weights=weights, expert_range=(start, end)))
-    module = native_module(backend)
     return PermuteResult(*_PermuteFunction.apply(
         x, weights, ids, num_experts, -1 if capacity is None else capacity, align,
-        drop_policy == "weight", start, end, module))
+        drop_policy == "weight", start, end, backend))
 
 
 def unpermute(y_perm, row_map, weights=None):
@@ -231,7 +232,7 @@ def unpermute(y_perm, row_map, weights=None):
         if weights.shape != row_map.shape:
             raise ValueError(f"weights: expected shape {tuple(row_map.shape)} (like row_map), got "
                              f"{tuple(weights.shape)}")
-    if row_map.device.type == "cpu" and row_map.numel() > 0:
+    if row_map.device.type == "cpu" and row_map.numel() > 0 and not torch.compiler.is_compiling():
         low, high = int(row_map.min()), int(row_map.max())
         if low < -1 or high >= y_perm.shape[0]:
             raise ValueError(f"row_map: expected values in [-1, {y_perm.shape[0]}) (rows of y_perm), "
@@ -239,4 +240,4 @@ def unpermute(y_perm, row_map, weights=None):
     backend = selected_backend(y_perm, "y_perm")
     if backend == "reference":
         return reference.unpermute(y_perm, row_map, weights)
-    return _UnpermuteFunction.apply(y_perm, weights, row_map, native_module(backend))
+    return _UnpermuteFunction.apply(y_perm, weights, row_map, backend)

@@ -138,7 +138,7 @@ __device__ __forceinline__ float mul_rn(float a, float b) {
 // ---------------------------------------------------------------------------------------
 
 constexpr int kCountThreads = 256;
-constexpr int kOffsetsThreads = 1024;
+constexpr int kOffsetsThreads = 512;  // 1024 leaves 64 registers: sm_120 spilled
 constexpr int kSelectThreads = 256;
 
 // counts[l] = assignments of the tile going to local expert l. Every thread of the block
@@ -300,7 +300,7 @@ __global__ void __launch_bounds__(32) permute_place_kernel(PermuteIndexParams p,
 }
 
 // All of the above in one block, for a single tile (T * k <= kPermuteTile).
-__global__ void __launch_bounds__(kOffsetsThreads)
+__global__ void __launch_bounds__(kOffsetsThreads, 1)
     permute_index_one_tile_kernel(PermuteIndexParams p, IndexWorkspace w) {
   int32_t* counts = dynamic_smem<int32_t>();  // [num_local]
   int32_t* placed = counts + (p.expert_end - p.expert_begin);  // [num_local]
@@ -451,19 +451,27 @@ __global__ void __launch_bounds__(kRowThreads)
     return;
   }
 
-  // Padding rows: segment e pads rows [seg_fill[e], offsets[e + 1]), at most
-  // max_padding of them; a grid-stride loop over (expert, i < max_padding). Rows at or
-  // past offsets[E] hold nothing and are not written: the static bound M can be far
-  // larger than what the segments use (small batches with large align, expert
-  // parallelism), and nothing reads them.
-  const int64_t slots = static_cast<int64_t>(p.num_experts) * p.max_padding;
+  // Rows without a token are zero: segment e pads rows [seg_fill[e], offsets[e + 1]), at
+  // most max_padding of them, and the tail [offsets[E], M) past the last segment holds
+  // nothing. A grid-stride loop over (expert, i < max_padding) slots, then tail slots.
+  // The tail costs bandwidth when M is far above what the segments use (large align, many
+  // experts, few tokens), but every output byte is then defined: two runs are bitwise equal.
+  const int64_t padding_slots = static_cast<int64_t>(p.num_experts) * p.max_padding;
+  const int64_t slots = padding_slots + p.num_out_rows;
   const int64_t stride = static_cast<int64_t>(gridDim.x - token_blocks) * groups;
+  const int64_t used_rows = p.offsets[p.num_experts];
   Chunk16<T> zero;
   zero.raw.x = zero.raw.y = zero.raw.z = zero.raw.w = 0u;
   for (int64_t slot = item; slot < slots; slot += stride) {
-    const int e = static_cast<int>(slot / p.max_padding);
-    const int64_t r = p.seg_fill[e] + slot % p.max_padding;
-    if (r >= p.offsets[e + 1] || r >= p.num_out_rows) continue;
+    int64_t r;
+    if (slot < padding_slots) {
+      const int e = static_cast<int>(slot / p.max_padding);
+      r = p.seg_fill[e] + slot % p.max_padding;
+      if (r >= p.offsets[e + 1]) continue;
+    } else {
+      r = used_rows + (slot - padding_slots);
+    }
+    if (r >= p.num_out_rows) continue;
     T* dst = out + r * H;
     if (vector_path) {
       for (int64_t c = g; c < H / V; c += group_threads) store_chunk(dst + c * V, zero);
@@ -571,8 +579,9 @@ void launch_scatter_typed(const ScatterRowsParams& p, cudaStream_t stream) {
   const int group = row_group_threads(vector_path ? p.hidden / Vec16<T>::size : p.hidden);
   const int groups = kRowThreads / group;
   const unsigned token_blocks = ceil_div(p.num_tokens, groups);
-  // Enough blocks to fill the padding at full bandwidth, not one per row of the bound.
-  const int64_t padding_slots = p.offsets != nullptr ? p.num_experts * p.max_padding : 0;
+  // Enough blocks to fill the padding and the tail at full bandwidth, not one per row.
+  const int64_t padding_slots =
+      p.offsets != nullptr ? p.num_experts * p.max_padding + p.num_out_rows : 0;
   const unsigned fill_blocks = std::min(ceil_div(padding_slots, groups), kMaxFillBlocks);
   LaunchConfig cfg{dim3(token_blocks + fill_blocks), dim3(kRowThreads), 0, stream};
   launch_kernel("scatter_rows_kernel", scatter_rows_kernel<T>, cfg, p, group, vector_path,
