@@ -23,3 +23,18 @@ def check_int(value, name, low, high):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
     if not low <= value <= high:
         raise ValueError(f"{name}: expected {low} <= {name} <= {high}, got {value}")
+
+
+def check_same_device(t, name, ref, ref_name):
+    if t.device != ref.device:
+        raise ValueError(f"{name}: expected a tensor on {ref.device} (the device of {ref_name}), "
+                         f"got one on {t.device}")
+
+
+def check_pair_weights(weights, name, pairs, pairs_name):
+    """`weights` are float32 routing weights, one per (token, slot) of `pairs` [T, k]."""
+    check_tensor(weights, name, dtypes=(torch.float32,), dim=2)
+    check_same_device(weights, name, pairs, pairs_name)
+    if weights.shape != pairs.shape:
+        raise ValueError(f"{name}: expected shape {tuple(pairs.shape)} (like {pairs_name}), got "
+                         f"{tuple(weights.shape)}")

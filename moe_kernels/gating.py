@@ -9,7 +9,7 @@ import torch
 from . import reference
 from ._backend import selected_backend
 from ._library import native_call
-from ._checks import FLOAT_DTYPES, check_int, check_tensor
+from ._checks import FLOAT_DTYPES, check_int, check_same_device, check_tensor
 
 MAX_EXPERTS = 4096
 SCORINGS = ("softmax", "sigmoid")
@@ -32,12 +32,6 @@ def _check_number(value, name):
         raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
     if not math.isfinite(value):
         raise ValueError(f"{name}: expected a finite number, got {value}")
-
-
-def _check_same_device(t, name, ref, ref_name):
-    if t.device != ref.device:
-        raise ValueError(f"{name}: expected a tensor on {ref.device} (the device of {ref_name}), "
-                         f"got one on {t.device}")
 
 
 def _check_logits(logits):
@@ -123,7 +117,7 @@ def topk_gating(logits, k, *, scoring="softmax", bias=None, num_groups=1, topk_g
     _check_choice(scoring, "scoring", SCORINGS)
     if bias is not None:
         check_tensor(bias, "bias", dtypes=(torch.float32,), dim=1)
-        _check_same_device(bias, "bias", logits, "logits")
+        check_same_device(bias, "bias", logits, "logits")
         if bias.shape[0] != num_experts:
             raise ValueError(f"bias: expected {num_experts} elements (one per expert), "
                              f"got {bias.shape[0]}")
@@ -201,7 +195,7 @@ def load_balancing_loss(logits, ids, num_experts, alpha=0.01):
         raise ValueError(f"logits: expected {num_experts} columns (num_experts), "
                          f"got {num_experts_in_logits}")
     check_tensor(ids, "ids", dtypes=(torch.int32,), dim=2)
-    _check_same_device(ids, "ids", logits, "logits")
+    check_same_device(ids, "ids", logits, "logits")
     if ids.shape[0] != logits.shape[0]:
         raise ValueError(f"ids: expected {logits.shape[0]} rows (tokens of logits), got {ids.shape[0]}")
     _check_number(alpha, "alpha")
@@ -225,7 +219,7 @@ def update_routing_bias(bias, counts, rate):
     check_tensor(bias, "bias", dtypes=(torch.float32,), dim=1)
     check_tensor(counts, "counts", dtypes=(torch.int32, torch.int64, torch.float32), dim=1,
                  contiguous=False)
-    _check_same_device(counts, "counts", bias, "bias")
+    check_same_device(counts, "counts", bias, "bias")
     if counts.shape != bias.shape:
         raise ValueError(f"counts: expected {bias.shape[0]} elements (one per expert), "
                          f"got {counts.shape[0]}")

@@ -9,7 +9,7 @@ import torch
 from . import reference
 from ._backend import selected_backend
 from ._library import native_call
-from ._checks import FLOAT_DTYPES, check_int, check_tensor
+from ._checks import FLOAT_DTYPES, check_int, check_pair_weights, check_same_device, check_tensor
 
 MAX_EXPERTS = 4096
 MAX_ALIGN = 1 << 20
@@ -37,8 +37,7 @@ def capacity_from_factor(num_tokens, k, num_experts, factor):
 def _check_permute_args(x, ids, num_experts, capacity, align, drop_policy, weights, expert_range):
     check_tensor(x, "x", dtypes=FLOAT_DTYPES, dim=2)
     check_tensor(ids, "ids", dtypes=(torch.int32,), dim=2)
-    if ids.device != x.device:
-        raise ValueError(f"ids: expected device {x.device}, got {ids.device}")
+    check_same_device(ids, "ids", x, "x")
     if ids.shape[0] != x.shape[0]:
         raise ValueError(f"ids: expected {x.shape[0]} rows (one per token of x), got shape "
                          f"{tuple(ids.shape)}")
@@ -53,12 +52,7 @@ def _check_permute_args(x, ids, num_experts, capacity, align, drop_policy, weigh
     if drop_policy not in DROP_POLICIES:
         raise ValueError(f"drop_policy: expected one of {DROP_POLICIES}, got {drop_policy!r}")
     if weights is not None:
-        check_tensor(weights, "weights", dtypes=(torch.float32,), dim=2)
-        if weights.device != x.device:
-            raise ValueError(f"weights: expected device {x.device}, got {weights.device}")
-        if weights.shape != ids.shape:
-            raise ValueError(f"weights: expected shape {tuple(ids.shape)} (like ids), got "
-                             f"{tuple(weights.shape)}")
+        check_pair_weights(weights, "weights", ids, "ids")
     elif drop_policy == "weight":
         raise ValueError("weights: drop_policy='weight' needs the routing weights")
     if expert_range is None:
@@ -223,15 +217,9 @@ def unpermute(y_perm, row_map, weights=None):
     """
     check_tensor(y_perm, "y_perm", dtypes=FLOAT_DTYPES, dim=2)
     check_tensor(row_map, "row_map", dtypes=(torch.int64,), dim=2)
-    if row_map.device != y_perm.device:
-        raise ValueError(f"row_map: expected device {y_perm.device}, got {row_map.device}")
+    check_same_device(row_map, "row_map", y_perm, "y_perm")
     if weights is not None:
-        check_tensor(weights, "weights", dtypes=(torch.float32,), dim=2)
-        if weights.device != y_perm.device:
-            raise ValueError(f"weights: expected device {y_perm.device}, got {weights.device}")
-        if weights.shape != row_map.shape:
-            raise ValueError(f"weights: expected shape {tuple(row_map.shape)} (like row_map), got "
-                             f"{tuple(weights.shape)}")
+        check_pair_weights(weights, "weights", row_map, "row_map")
     if row_map.device.type == "cpu" and row_map.numel() > 0 and not torch.compiler.is_compiling():
         low, high = int(row_map.min()), int(row_map.max())
         if low < -1 or high >= y_perm.shape[0]:

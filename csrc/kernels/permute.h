@@ -46,8 +46,8 @@ size_t permute_index_workspace_bytes(int64_t num_tokens, int k, int num_experts)
 void launch_permute_index(const PermuteIndexParams& params, cudaStream_t stream);
 
 // out[row_map[t, j]] = scale[t, j] * x[t] (scale null: a copy) for every row_map entry in
-// [0, num_out_rows); then, when offsets is given, the padding rows (r >= seg_fill[e]
-// inside segment e) are set to zero. Rows at or past offsets[E] are not written.
+// [0, num_out_rows); then, when offsets is given, every row without a token is set to
+// zero: the padding (r >= seg_fill[e] inside segment e) and the tail past offsets[E].
 struct ScatterRowsParams {
   const void* x = nullptr;          // [num_tokens, hidden]
   DType dtype = DType::f32;
