@@ -223,11 +223,14 @@ def run(cases, args):
     peaks = device_peaks()
     flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda") if peaks else None
     rows = []
+    # One progress line rewritten in place on a terminal; a line per case in a log.
+    live = sys.stderr.isatty()
     for i, case in enumerate(cases):
-        print(f"\r[{i + 1}/{len(cases)}] {case.op} {case.label} on {case.backend} ...".ljust(78),
-              end="", file=sys.stderr, flush=True)
+        line = f"[{i + 1}/{len(cases)}] {case.op} {case.label} on {case.backend} ..."
+        print(f"\r{line:78}" if live else line, end="" if live else "\n", file=sys.stderr, flush=True)
         rows.append(summarize(case, time_case(case, args, flush), peaks))
-    print("\r" + " " * 78 + "\r", end="", file=sys.stderr)
+    if live:
+        print("\r" + " " * 78 + "\r", end="", file=sys.stderr)
     device = peaks["name"] if peaks else "CPU (reference and simt timings; no GPU figures)"
     print(f"{args.name} on {device}\n{format_table(rows)}")
     out = Path(args.out)
