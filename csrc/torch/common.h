@@ -63,6 +63,21 @@ inline void check_dtype(const at::Tensor& t, at::ScalarType dtype, const char* a
                  t.scalar_type());
 }
 
+// A contiguous `dim`-D tensor of `dtype` on the target's device.
+inline void check_input(const at::Tensor& t, const char* arg, at::ScalarType dtype, int64_t dim) {
+  check_device(t, arg);
+  check_dtype(t, dtype, arg);
+  check_dim(t, dim, arg);
+  check_contiguous(t, arg);
+}
+
+// The same, on the device of `ref` (the op's main input, already checked).
+inline void check_input(const at::Tensor& t, const char* arg, at::ScalarType dtype, int64_t dim,
+                        const at::Tensor& ref) {
+  check_same_device(t, ref, arg);
+  check_input(t, arg, dtype, dim);
+}
+
 // float32, float16 or bfloat16, as the launchers' DType.
 inline DType float_dtype(const at::Tensor& t, const char* arg) {
   switch (t.scalar_type()) {

@@ -39,11 +39,7 @@ std::tuple<at::Tensor, at::Tensor> topk_gating(const at::Tensor& logits, int64_t
   MOE_CHECK_VALUE(group_scoring == "top2_sum" || group_scoring == "max", "group_scoring",
                   "expected 'top2_sum' or 'max', got '", group_scoring, "'");
   if (bias.has_value()) {
-    check_device(*bias, "bias");
-    check_same_device(*bias, logits, "bias");
-    check_dtype(*bias, at::kFloat, "bias");
-    check_dim(*bias, 1, "bias");
-    check_contiguous(*bias, "bias");
+    check_input(*bias, "bias", at::kFloat, 1, logits);
     MOE_CHECK_VALUE(bias->size(0) == num_experts, "bias", "expected ", num_experts,
                     " elements (one per expert), got ", bias->size(0));
   }
@@ -88,19 +84,12 @@ at::Tensor topk_gating_backward(const at::Tensor& grad_weights, const at::Tensor
                                 const at::Tensor& ids, const std::string& scoring,
                                 bool renormalize, double scaling_factor) {
   check_logits(logits);
-  check_device(ids, "ids");
-  check_same_device(ids, logits, "ids");
-  check_dtype(ids, at::kInt, "ids");
-  check_dim(ids, 2, "ids");
-  check_contiguous(ids, "ids");
+  check_input(ids, "ids", at::kInt, 2, logits);
   MOE_CHECK_VALUE(ids.size(0) == logits.size(0) && ids.size(1) >= 1 &&
                       ids.size(1) <= logits.size(1),
                   "ids", "expected shape [", logits.size(0), ", k <= ", logits.size(1), "], got ",
                   ids.sizes());
-  check_device(grad_weights, "grad_weights");
-  check_same_device(grad_weights, logits, "grad_weights");
-  check_dtype(grad_weights, at::kFloat, "grad_weights");
-  check_contiguous(grad_weights, "grad_weights");
+  check_input(grad_weights, "grad_weights", at::kFloat, 2, logits);
   MOE_CHECK_VALUE(grad_weights.sizes() == ids.sizes(), "grad_weights", "expected shape ",
                   ids.sizes(), ", got ", grad_weights.sizes());
 

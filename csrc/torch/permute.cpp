@@ -9,19 +9,8 @@ namespace {
 
 int64_t round_up_host(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
 
-void check_index_tensor(const at::Tensor& t, const at::Tensor& ref, at::ScalarType dtype, const char* arg) {
-  check_device(t, arg);
-  check_same_device(t, ref, arg);
-  check_dtype(t, dtype, arg);
-  check_dim(t, 2, arg);
-  check_contiguous(t, arg);
-}
-
 void check_pair_weights(const at::Tensor& w, const at::Tensor& row_map_or_ids, const char* arg) {
-  check_device(w, arg);
-  check_same_device(w, row_map_or_ids, arg);
-  check_dtype(w, at::kFloat, arg);
-  check_contiguous(w, arg);
+  check_input(w, arg, at::kFloat, 2, row_map_or_ids);
   MOE_CHECK_VALUE(w.sizes() == row_map_or_ids.sizes(), arg, "expected shape ",
                   row_map_or_ids.sizes(), ", got ", w.sizes());
 }
@@ -40,7 +29,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::optional<at::Ten
     int64_t expert_begin, int64_t expert_end) {
   check_rows(x, "x");
   const DType dtype = float_dtype(x, "x");
-  check_index_tensor(ids, x, at::kInt, "ids");
+  check_input(ids, "ids", at::kInt, 2, x);
   MOE_CHECK_VALUE(ids.size(0) == x.size(0), "ids", "expected ", x.size(0),
                   " rows (one per token of x), got shape ", ids.sizes());
   const int64_t T = ids.size(0);
@@ -119,7 +108,7 @@ at::Tensor unpermute(const at::Tensor& y_perm, const at::Tensor& row_map,
                      const std::optional<at::Tensor>& weights) {
   check_rows(y_perm, "y_perm");
   const DType dtype = float_dtype(y_perm, "y_perm");
-  check_index_tensor(row_map, y_perm, at::kLong, "row_map");
+  check_input(row_map, "row_map", at::kLong, 2, y_perm);
   if (weights) check_pair_weights(*weights, row_map, "weights");
 
   const c10::DeviceGuard guard(y_perm.device());
@@ -147,7 +136,7 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> unpermute_backw
   check_rows(grad_y, "grad_y");
   check_same_device(grad_y, y_perm, "grad_y");
   check_dtype(grad_y, y_perm.scalar_type(), "grad_y");
-  check_index_tensor(row_map, y_perm, at::kLong, "row_map");
+  check_input(row_map, "row_map", at::kLong, 2, y_perm);
   MOE_CHECK_VALUE(grad_y.size(0) == row_map.size(0) && grad_y.size(1) == y_perm.size(1), "grad_y",
                   "expected shape [", row_map.size(0), ", ", y_perm.size(1), "], got ", grad_y.sizes());
   if (weights) check_pair_weights(*weights, row_map, "weights");

@@ -6,17 +6,8 @@
 namespace moe {
 namespace testing {
 
-namespace {
-void check_input(const at::Tensor& x, at::ScalarType dtype, int64_t dim) {
-  check_device(x, "x");
-  check_dtype(x, dtype, "x");
-  check_dim(x, dim, "x");
-  check_contiguous(x, "x");
-}
-}  // namespace
-
 at::Tensor block_sum(const at::Tensor& x, int64_t block) {
-  check_input(x, at::kFloat, 1);
+  check_input(x, "x", at::kFloat, 1);
   MOE_CHECK_VALUE(block >= 1 && block <= 1024 && (block & (block - 1)) == 0, "block",
                   "expected a power of two up to 1024, got ", block);
   const c10::DeviceGuard guard(x.device());
@@ -27,7 +18,7 @@ at::Tensor block_sum(const at::Tensor& x, int64_t block) {
 }
 
 at::Tensor transpose(const at::Tensor& x) {
-  check_input(x, at::kFloat, 2);
+  check_input(x, "x", at::kFloat, 2);
   const c10::DeviceGuard guard(x.device());
   at::Tensor out = at::empty({x.size(1), x.size(0)}, x.options());
   launch_transpose(x.data_ptr<float>(), out.data_ptr<float>(), static_cast<int>(x.size(0)),
@@ -36,7 +27,7 @@ at::Tensor transpose(const at::Tensor& x) {
 }
 
 std::tuple<at::Tensor, at::Tensor> warp_scan(const at::Tensor& x) {
-  check_input(x, at::kInt, 1);
+  check_input(x, "x", at::kInt, 1);
   const c10::DeviceGuard guard(x.device());
   at::Tensor scan = at::empty_like(x);
   // Whole blocks of 128 threads run, so every warp of them reports its votes.
@@ -48,7 +39,7 @@ std::tuple<at::Tensor, at::Tensor> warp_scan(const at::Tensor& x) {
 }
 
 at::Tensor histogram(const at::Tensor& x, int64_t bins) {
-  check_input(x, at::kInt, 1);
+  check_input(x, "x", at::kInt, 1);
   const c10::DeviceGuard guard(x.device());
   if (x.numel() > 0) {
     MOE_CHECK_VALUE(x.min().item<int32_t>() >= 0 && x.max().item<int32_t>() < bins, "x",
@@ -60,7 +51,7 @@ at::Tensor histogram(const at::Tensor& x, int64_t bins) {
 }
 
 at::Tensor block_reverse(const at::Tensor& x, int64_t block) {
-  check_input(x, at::kFloat, 1);
+  check_input(x, "x", at::kFloat, 1);
   MOE_CHECK_VALUE(block >= 1 && block <= 1024, "block", "expected 1..1024, got ", block);
   const c10::DeviceGuard guard(x.device());
   at::Tensor out = at::empty_like(x);
@@ -71,7 +62,7 @@ at::Tensor block_reverse(const at::Tensor& x, int64_t block) {
 
 void broken(int64_t mode, const at::Tensor& out) {
   MOE_CHECK_VALUE(!kTargetIsCuda, "mode", "the broken kernels run only in the emulator (on a GPU they hang)");
-  check_input(out, at::kFloat, 1);
+  check_input(out, "out", at::kFloat, 1);
   MOE_CHECK_VALUE(out.numel() >= 64, "out", "expected at least 64 elements");
   launch_broken(static_cast<int>(mode), out.data_ptr<float>(), current_stream(out));
 }
