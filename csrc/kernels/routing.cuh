@@ -23,6 +23,21 @@ constexpr int kWarpsPerBlock = 4;
 //   sigmoid: dL/dx_e = dL/ds_e * s_e * (1 - s_e) at the chosen e, 0 elsewhere;
 //   softmax: dL/dx_e = p_e * (dL/dp_e - sum_j dL/ds_j * s_j) for every e (dL/dp_e = 0
 //            off the chosen experts), so the gradient is dense.
+// Softmax statistics of a row of E logits, computed by one warp: its max and
+// 1 / sum(exp(x - max)). Every lane gets the same bits.
+template <typename T>
+__device__ __forceinline__ void warp_softmax_stats(const T* row, int E, float* row_max,
+                                                   float* inv_sum) {
+  const int lane = threadIdx.x % 32;
+  float m = -INFINITY;
+  for (int e = lane; e < E; e += 32) m = fmaxf(m, to_float(row[e]));
+  m = warp_allreduce<32>(m, MaxOp{});
+  float sum = 0.f;
+  for (int e = lane; e < E; e += 32) sum += expf(to_float(row[e]) - m);
+  *row_max = m;
+  *inv_sum = 1.f / warp_allreduce<32>(sum, SumOp{});
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     topk_gating_backward_kernel(TopkGatingBackwardParams p) {
@@ -37,14 +52,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   const float* grad_w = p.grad_weights + token * p.k;
 
   float row_max = 0.f, inv_sum = 1.f;
-  if (softmax) {
-    float m = -INFINITY;
-    for (int e = lane; e < E; e += 32) m = fmaxf(m, to_float(row[e]));
-    row_max = warp_allreduce<32>(m, MaxOp{});
-    float sum = 0.f;
-    for (int e = lane; e < E; e += 32) sum += expf(to_float(row[e]) - row_max);
-    inv_sum = 1.f / warp_allreduce<32>(sum, SumOp{});
-  }
+  if (softmax) warp_softmax_stats(row, E, &row_max, &inv_sum);
   auto score = [&](float v) { return softmax ? expf(v - row_max) * inv_sum : sigmoidf(v); };
   auto chosen_id = [&](int j) {  // an id outside [0, E) is skipped (never read or written)
     const int e = ids[j];
@@ -115,19 +123,14 @@ __global__ void __launch_bounds__(kStatsBlock) router_stats_kernel(RouterStatsPa
 // Expert choice, pass 1: softmax max and 1/sum of each token's row (one warp per token).
 template <typename T>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32) softmax_row_stats_kernel(ExpertChoiceParams p) {
-  const int lane = threadIdx.x % 32;
   const int64_t token = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   if (token >= p.num_tokens) return;
   const T* row = static_cast<const T*>(p.logits) + token * p.num_experts;
-  float m = -INFINITY;
-  for (int e = lane; e < p.num_experts; e += 32) m = fmaxf(m, to_float(row[e]));
-  m = warp_allreduce<32>(m, MaxOp{});
-  float sum = 0.f;
-  for (int e = lane; e < p.num_experts; e += 32) sum += expf(to_float(row[e]) - m);
-  sum = warp_allreduce<32>(sum, SumOp{});
-  if (lane == 0) {
-    p.row_stats[2 * token] = m;
-    p.row_stats[2 * token + 1] = 1.f / sum;
+  float row_max, inv_sum;
+  warp_softmax_stats(row, p.num_experts, &row_max, &inv_sum);
+  if (threadIdx.x % 32 == 0) {
+    p.row_stats[2 * token] = row_max;
+    p.row_stats[2 * token + 1] = inv_sum;
   }
 }
 
