@@ -177,6 +177,15 @@ bool ordered_before(const Accessor& now, uint32_t epoch, int thread, uint32_t cl
   return (*now.clock)[thread % kWarp] >= clock;
 }
 
+// Whether the reads summarized in `c` (one warp, the accessor's, same epoch) by lanes
+// other than `lane` are all ordered before the accessor's current point.
+bool reads_ordered_before(const Cell& c, const Accessor& now, int lane) {
+  for (int l = 0; l < kWarp; ++l) {
+    if (l != lane && ((c.r_lanes >> l) & 1u) && (*now.clock)[l] < c.r_clock) return false;
+  }
+  return true;
+}
+
 void check_and_record(Space space, uintptr_t address, size_t bytes, Access kind, const Accessor& now) {
   Shadow& shadow = space == Space::shared ? g_shared_shadow : g_global_shadow;
   const bool writes = kind != Access::read;
@@ -207,9 +216,7 @@ void check_and_record(Space space, uintptr_t address, size_t bytes, Access kind,
           if (c.r_warp != warp) {
             race = true;  // another warp, or several
           } else {
-            for (int l = 0; l < kWarp; ++l) {
-              if (l != lane && ((c.r_lanes >> l) & 1u) && (*now.clock)[l] < c.r_clock) race = true;
-            }
+            race = !reads_ordered_before(c, now, lane);
           }
         }
         if (race) {
@@ -240,6 +247,13 @@ void check_and_record(Space space, uintptr_t address, size_t bytes, Access kind,
         c.r_thread = static_cast<uint16_t>(now.thread);
         c.r_pc = now.pc;
         c.r_atomic_only = false;
+      } else if (c.r_warp == warp && reads_ordered_before(c, now, lane)) {
+        // Every earlier read is ordered before this one, hence before whatever is ordered
+        // after this one: this read alone stands for them all.
+        c.r_lanes = 1u << lane;
+        c.r_clock = my_clock;
+        c.r_thread = static_cast<uint16_t>(now.thread);
+        c.r_pc = now.pc;
       } else {
         if (c.r_warp != warp) c.r_warp = kManyWarps;
         c.r_lanes |= 1u << lane;
