@@ -509,6 +509,20 @@ void observe_at(const void* address, size_t bytes, Access kind, const void* code
   detail::on_access(address, bytes, kind, code_address);
 }
 
+uint4 load16(const void* address) {
+  check_alignment(address, 16, "16-byte load");
+  detail::on_access(address, 16, Access::read, __builtin_return_address(0));
+  uint4 bits;
+  std::memcpy(&bits, address, 16);
+  return bits;
+}
+
+void store16(void* address, uint4 bits) {
+  check_alignment(address, 16, "16-byte store");
+  detail::on_access(address, 16, Access::write, __builtin_return_address(0));
+  std::memcpy(address, &bits, 16);
+}
+
 void check_alignment(const void* address, size_t alignment, const char* what) {
   const uintptr_t a = reinterpret_cast<uintptr_t>(address);
   if (a % alignment != 0) {
