@@ -489,14 +489,14 @@ void memory_async_issue(void* dst, size_t bytes) {
   for (size_t i = 0; i < bytes; ++i) g_shared_shadow.cell(a + i)->in_flight = true;
 }
 
-void memory_async_land(void* dst, const void* src, size_t bytes) {
+void memory_async_land(void* dst, const void* src, size_t src_bytes, size_t cp_bytes) {
   LaunchView& v = g_view;
   if (v.racecheck) {
     const uintptr_t a = reinterpret_cast<uintptr_t>(dst);
-    for (size_t i = 0; i < bytes; ++i) g_shared_shadow.cell(a + i)->in_flight = false;
+    for (size_t i = 0; i < cp_bytes; ++i) g_shared_shadow.cell(a + i)->in_flight = false;
   }
-  on_access(src, bytes, Access::read, nullptr);
-  on_access(dst, bytes, Access::write, nullptr);
+  if (src_bytes > 0) on_access(src, src_bytes, Access::read, nullptr);
+  on_access(dst, cp_bytes, Access::write, nullptr);  // the zero-filled tail is written too
 }
 
 }  // namespace detail
