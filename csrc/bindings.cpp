@@ -68,6 +68,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #if !defined(MOE_KERNELS_TARGET_CUDA)
   m.def("traffic_begin", &simt::traffic_begin, "Count the memory traffic of every launch from now on");
   m.def("traffic_end", &traffic_end, "Stop counting; one dict per launch since traffic_begin");
+  m.def("static_shared_bytes", &simt::static_shared_bytes_of_symbol,
+        "Static shared memory of a kernel (mangled name), as the emulator counts it",
+        py::arg("mangled_name"));
 #endif
 
   py::module_ t = m.def_submodule("testing", "kernels that test the execution model");

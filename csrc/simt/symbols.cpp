@@ -82,6 +82,15 @@ const ModuleSymbols& module_symbols() {
 
 }  // namespace
 
+std::vector<const SharedObject*> shared_objects_of(const std::string& mangled) {
+  const std::string prefix = "_ZZ" + mangled.substr(2) + "E";
+  std::vector<const SharedObject*> objects;
+  for (const SharedObject& object : module_symbols().shared_objects) {
+    if (object.name.compare(0, prefix.size(), prefix) == 0) objects.push_back(&object);
+  }
+  return objects;
+}
+
 std::vector<const SharedObject*> kernel_shared_objects(const void* kernel) {
   static std::mutex mutex;
   static std::map<const void*, std::vector<const SharedObject*>> cache;
@@ -94,12 +103,7 @@ std::vector<const SharedObject*> kernel_shared_objects(const void* kernel) {
     throw KernelError("simt: no C++ symbol for the kernel at " +
                       std::to_string(reinterpret_cast<uintptr_t>(kernel)) + " in " + m.path);
   }
-  const std::string prefix = "_ZZ" + fn->second.substr(2) + "E";
-  std::vector<const SharedObject*> objects;
-  for (const SharedObject& object : m.shared_objects) {
-    if (object.name.compare(0, prefix.size(), prefix) == 0) objects.push_back(&object);
-  }
-  return cache[kernel] = objects;
+  return cache[kernel] = shared_objects_of(fn->second);
 }
 
 void thread_local_block(unsigned char** begin, unsigned char** end) {
@@ -141,6 +145,17 @@ std::string function_name(const void* address) {
 }
 
 const std::string& module_path() { return module_symbols().path; }
+
+}  // namespace detail
+
+size_t static_shared_bytes_of_symbol(const std::string& mangled) {
+  if (mangled.compare(0, 2, "_Z") != 0) throw KernelError("simt: '" + mangled + "' is not a mangled C++ name");
+  size_t bytes = 0;
+  for (const detail::SharedObject* object : detail::shared_objects_of(mangled)) bytes += object->size;
+  return bytes;
+}
+
+namespace detail {
 uintptr_t module_base() { return module_symbols().load_base; }
 
 }  // namespace detail

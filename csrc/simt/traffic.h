@@ -1,5 +1,5 @@
-// The emulator's memory-traffic counters, one row per kernel launch. A plain header (no
-// CUDA types) so the Python bindings can read it.
+// What the emulator measures, for the Python bindings: memory-traffic counters (one row
+// per kernel launch) and static shared memory per kernel. A plain header (no CUDA types).
 #pragma once
 
 #include <array>
@@ -31,5 +31,9 @@ struct TrafficRow {
 // which returns one row per launch.
 void traffic_begin();
 std::vector<TrafficRow> traffic_end();
+
+// Static shared memory of the kernel with this mangled name, as the emulator counts it
+// (the tests hold it against nvcc's figure for the same kernel).
+size_t static_shared_bytes_of_symbol(const std::string& mangled);
 
 }  // namespace simt
