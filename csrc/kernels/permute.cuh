@@ -16,6 +16,9 @@
 //   select  (capacity with drop_policy "weight") one block per local expert: a radix
 //           select of the capacity-th largest weight, then a block scan that keeps the
 //           winners in (token, slot) order.
+// Products round on their own, never fused into a following add (the build's -fmad=false,
+// and no contraction on the host), so the sums of unpermute and the scaled rows round
+// exactly as PyTorch's separate mul and add kernels do, on the GPU and in the emulator.
 // Row stage: scatter_rows reads each token's row once and writes it to its k rows;
 // gather_rows (unpermute) reads the k rows of a token and writes the fp32 sum once.
 #pragma once
@@ -119,16 +122,6 @@ __device__ __forceinline__ Chunk16<T> load_chunk(const T* src) {
 template <typename T>
 __device__ __forceinline__ void store_chunk(T* dst, const Chunk16<T>& c) {
   store_vec16(dst, c.raw);
-}
-
-// a * b rounded on its own, never fused into a following add: the sums of unpermute and
-// the scaled rows then round exactly as PyTorch's separate mul and add kernels do.
-__device__ __forceinline__ float mul_rn(float a, float b) {
-#if defined(MOE_KERNELS_SIMT)
-  return a * b;  // the host build targets no FMA instructions
-#else
-  return __fmul_rn(a, b);
-#endif
 }
 
 // ---------------------------------------------------------------------------------------
@@ -405,7 +398,7 @@ inline int row_group_threads(int64_t units) {
 template <typename T>
 __device__ __forceinline__ Chunk16<T> scale_chunk(Chunk16<T> c, float s) {
 #pragma unroll
-  for (int i = 0; i < Vec16<T>::size; ++i) c.elems[i] = from_float<T>(mul_rn(s, to_float(c.elems[i])));
+  for (int i = 0; i < Vec16<T>::size; ++i) c.elems[i] = from_float<T>(s * to_float(c.elems[i]));
   return c;
 }
 
@@ -444,7 +437,7 @@ __global__ void __launch_bounds__(kRowThreads)
         for (int j = 0; j < p.k; ++j) {
           const int64_t r = __ldg(rows + j);
           if (r < 0 || r >= p.num_out_rows) continue;
-          out[r * H + i] = scale != nullptr ? from_float<T>(mul_rn(__ldg(scale + j), to_float(v))) : v;
+          out[r * H + i] = scale != nullptr ? from_float<T>(__ldg(scale + j) * to_float(v)) : v;
         }
       }
     }
@@ -507,7 +500,7 @@ __global__ void __launch_bounds__(kRowThreads)
         if (weights != nullptr) {
           const float w = __ldg(weights + j);
 #pragma unroll
-          for (int i = 0; i < V; ++i) acc[i] += mul_rn(w, v[i]);
+          for (int i = 0; i < V; ++i) acc[i] += w * v[i];
         } else {
 #pragma unroll
           for (int i = 0; i < V; ++i) acc[i] += v[i];
@@ -525,7 +518,7 @@ __global__ void __launch_bounds__(kRowThreads)
         const int64_t r = __ldg(rows + j);
         if (r < 0 || r >= p.num_in_rows) continue;
         const float v = to_float(in[r * H + i]);
-        acc += weights != nullptr ? mul_rn(__ldg(weights + j), v) : v;
+        acc += weights != nullptr ? __ldg(weights + j) * v : v;
       }
       dst[i] = from_float<T>(acc);
     }
