@@ -1,0 +1,144 @@
+// Tensor-core matrix multiply-accumulate: mma.sync.aligned.m16n8k16.row.col with fp32
+// accumulators, bf16 x bf16 or f16 x f16 inputs. One wrapper per PTX instruction.
+//
+// PTX ISA 9.7.14.5.14 "Multiply-and-Accumulate Instruction: mma" (the instruction) and
+// 9.7.14.5.8 "Matrix Fragments for mma.m16n8k16 with floating point type" (the layouts).
+// A warp computes D (16x8) = A (16x16, row-major) * B (16x8, column-major) + C. Each lane
+// holds a fragment; with groupID = lane >> 2 and threadID_in_group = lane % 4 (g and t):
+//
+//   A: 4 x .b32, each two b16 elements (the lower-indexed one in the low 16 bits), a0..a7:
+//        row = g      for a0, a1, a4, a5;   g + 8 for a2, a3, a6, a7
+//        col = 2t + (i & 1)  for i < 4;     2t + (i & 1) + 8 for i >= 4
+//      so reg0 = A[g][2t..2t+1], reg1 = A[g+8][2t..], reg2 = A[g][2t+8..], reg3 = A[g+8][2t+8..]
+//   B: 2 x .b32, b0..b3:  row (k) = 2t + (i & 1) (+ 8 for i >= 2),  col (n) = g
+//      so reg0 = B[2t..2t+1][g], reg1 = B[2t+8..2t+9][g]  (a column of B is a row of B^T,
+//      which is why a "col" B is stored n-major, [n][k], in memory)
+//   C, D: 4 x .f32, c0..c3:  row = g for c0, c1;  g + 8 for c2, c3;  col = 2t + (i & 1)
+//
+// Numerics of the emulator: every product a*b is exact in fp32 (8 x 8 significand bits for
+// bf16, 11 x 11 for f16: at most 22 bits, unless the product leaves fp32's range); then
+//   d = c;  for k = 0..15: d = d + A[m][k] * B[k][n]   (in k order, each add rounded to
+// nearest even in fp32). Because the product is exact, a compiler contracting this into an
+// fma gives the same bits.
+// The GPU does not round each add as IEEE does: its tensor cores add the exact products in
+// blocks with the significands aligned to the largest exponent and truncated, then add C,
+// in an order and grouping the ISA does not specify. Each step can therefore be off by up
+// to one ulp (2^-23 relative, not the 2^-24 of round-to-nearest), and there are at most 16
+// additions of 17 terms. Both the GPU's and the emulator's results thus lie within
+//   |d - exact| <= 17 * 2^-23 * (sum_k |A[m][k] * B[k][n]| + |C[m][n]|)
+// of the exact value (the classic recursive-summation bound with unit 2^-23, n = 17
+// terms), which is the tolerance the tests use against a float64 reference. Inputs whose
+// partial sums are all exact in fp32 (small integers) give exact, equal results on both.
+#pragma once
+
+#include "platform.cuh"
+
+namespace moe {
+
+// Per-lane fragments of mma.m16n8k16 (layouts above).
+struct MmaFragA {
+  uint32_t reg[4];  // 8 bf16/f16 elements of A
+};
+struct MmaFragB {
+  uint32_t reg[2];  // 4 bf16/f16 elements of B
+};
+struct MmaFragC {
+  float reg[4];  // 4 fp32 elements of C or D
+};
+
+#if defined(MOE_KERNELS_SIMT)
+namespace detail {
+
+struct MmaOperands {
+  MmaFragA a;
+  MmaFragB b;
+  MmaFragC c;
+};
+
+inline float bf16_bits_to_float(uint32_t bits) {
+  __nv_bfloat16_raw raw;
+  raw.x = static_cast<unsigned short>(bits);
+  return __bfloat162float(__nv_bfloat16(raw));
+}
+inline float f16_bits_to_float(uint32_t bits) {
+  __half_raw raw;
+  raw.x = static_cast<unsigned short>(bits);
+  return __half2float(__half(raw));
+}
+
+// The emulated mma: decodes all 32 lanes' fragments per the layout above, computes D in
+// the documented order, writes every lane's D fragment. Runs once per warp, on the fiber
+// of the last lane to arrive (simt::warp_matrix_op).
+template <bool kBf16>
+void mma_m16n8k16_compute(const void* const* in, void* const* out) {
+  float A[16][16], B[16][8], C[16][8];
+  for (int lane = 0; lane < 32; ++lane) {
+    const MmaOperands& op = *static_cast<const MmaOperands*>(in[lane]);
+    const int g = lane >> 2, t = lane % 4;
+    for (int i = 0; i < 8; ++i) {  // a_i: register i / 2, half i % 2
+      const uint32_t bits = op.a.reg[i / 2] >> (16 * (i % 2)) & 0xFFFFu;
+      const int row = (i < 2 || (i >= 4 && i < 6)) ? g : g + 8;
+      const int col = 2 * t + (i & 1) + (i >= 4 ? 8 : 0);
+      A[row][col] = kBf16 ? bf16_bits_to_float(bits) : f16_bits_to_float(bits);
+    }
+    for (int i = 0; i < 4; ++i) {  // b_i
+      const uint32_t bits = op.b.reg[i / 2] >> (16 * (i % 2)) & 0xFFFFu;
+      const int k = 2 * t + (i & 1) + (i >= 2 ? 8 : 0);
+      B[k][g] = kBf16 ? bf16_bits_to_float(bits) : f16_bits_to_float(bits);
+    }
+    for (int i = 0; i < 4; ++i) C[i < 2 ? g : g + 8][2 * t + (i & 1)] = op.c.reg[i];
+  }
+  for (int lane = 0; lane < 32; ++lane) {
+    MmaFragC& d = *static_cast<MmaFragC*>(out[lane]);
+    const int g = lane >> 2, t = lane % 4;
+    for (int i = 0; i < 4; ++i) {
+      const int m = i < 2 ? g : g + 8, n = 2 * t + (i & 1);
+      float acc = C[m][n];
+      for (int k = 0; k < 16; ++k) acc = acc + A[m][k] * B[k][n];
+      d.reg[i] = acc;
+    }
+  }
+}
+
+}  // namespace detail
+#endif
+
+// d = a * b + c, bf16 inputs (PTX mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32).
+// Every lane of the warp must call it (.aligned); `d` may be `c`.
+__device__ __forceinline__ void mma_m16n8k16_bf16(MmaFragC& d, const MmaFragA& a,
+                                                  const MmaFragB& b, const MmaFragC& c) {
+#if defined(MOE_KERNELS_SIMT)
+  const detail::MmaOperands in{a, b, c};
+  MmaFragC result;
+  simt::warp_matrix_op("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32", &in, &result,
+                       &detail::mma_m16n8k16_compute<true>);
+  d = result;
+#else
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%10, %11, %12, %13};\n"
+      : "=f"(d.reg[0]), "=f"(d.reg[1]), "=f"(d.reg[2]), "=f"(d.reg[3])
+      : "r"(a.reg[0]), "r"(a.reg[1]), "r"(a.reg[2]), "r"(a.reg[3]), "r"(b.reg[0]), "r"(b.reg[1]),
+        "f"(c.reg[0]), "f"(c.reg[1]), "f"(c.reg[2]), "f"(c.reg[3]));
+#endif
+}
+
+// d = a * b + c, f16 inputs (PTX mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32).
+// Every lane of the warp must call it (.aligned); `d` may be `c`.
+__device__ __forceinline__ void mma_m16n8k16_f16(MmaFragC& d, const MmaFragA& a,
+                                                 const MmaFragB& b, const MmaFragC& c) {
+#if defined(MOE_KERNELS_SIMT)
+  const detail::MmaOperands in{a, b, c};
+  MmaFragC result;
+  simt::warp_matrix_op("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32", &in, &result,
+                       &detail::mma_m16n8k16_compute<false>);
+  d = result;
+#else
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%10, %11, %12, %13};\n"
+      : "=f"(d.reg[0]), "=f"(d.reg[1]), "=f"(d.reg[2]), "=f"(d.reg[3])
+      : "r"(a.reg[0]), "r"(a.reg[1]), "r"(a.reg[2]), "r"(a.reg[3]), "r"(b.reg[0]), "r"(b.reg[1]),
+        "f"(c.reg[0]), "f"(c.reg[1]), "f"(c.reg[2]), "f"(c.reg[3]));
+#endif
+}
+
+}  // namespace moe
