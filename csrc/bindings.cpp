@@ -44,4 +44,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   t.def("histogram", &moe::testing::histogram, py::arg("x"), py::arg("bins"));
   t.def("block_reverse", &moe::testing::block_reverse, py::arg("x"), py::arg("block"));
   t.def("broken", &moe::testing::broken, py::arg("mode"), py::arg("out"));
+  t.def("mma_probe", &moe::testing::mma_probe, py::arg("a_frag"), py::arg("b_frag"),
+        py::arg("c_frag"), py::arg("bf16"));
+  t.def("ldmatrix_probe", &moe::testing::ldmatrix_probe, py::arg("x"), py::arg("lane_rows"),
+        py::arg("col"), py::arg("num"), py::arg("trans"));
+  t.def("cp_async_probe", &moe::testing::cp_async_probe, py::arg("src"), py::arg("src_sizes"),
+        py::arg("pending"), py::arg("early_reads") = false);
+  t.def("ptx_broken", &moe::testing::ptx_broken, py::arg("mode"), py::arg("out"));
 }

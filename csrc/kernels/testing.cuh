@@ -133,3 +133,6 @@ void launch_broken(int mode, float* out, cudaStream_t stream) {
 
 }  // namespace testing
 }  // namespace moe
+
+// The PTX primitive probes (mma, ldmatrix, cp.async).
+#include "testing_ptx.cuh"
