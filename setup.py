@@ -8,7 +8,10 @@ Environment knobs (all optional; README lists them too):
   MAX_JOBS                    parallel compile jobs (ninja)
   MOE_KERNELS_REQUIRE_CUDA=1  fail the build when `_C` cannot be built
   MOE_KERNELS_SKIP_CUDA=1     do not build `_C` (simt + reference only)
-  MOE_KERNELS_SANITIZE=address  build `_simt` with AddressSanitizer (CI)
+  MOE_KERNELS_SANITIZE=address  build `_simt` with AddressSanitizer (CI); the emulator's
+                              memory observer (race detector, traffic counters,
+                              alignment checks) is then off: the two instrumentations
+                              cannot share a translation unit
 """
 
 import os
@@ -132,7 +135,18 @@ def why_no_cuda():
 
 
 CXX_FLAGS = ["-O2", "-std=c++20", "-fvisibility=hidden", "-Wno-unknown-pragmas"]
-NVCC_FLAGS = ["-O3", "-std=c++17", "-lineinfo", "-Xptxas=-v"]
+# -fmad=false: nvcc would otherwise fuse a*b+c into one FMA (one rounding) where the host
+# compiler rounds twice, and a one-ulp difference can flip a top-k selection between the
+# GPU and the emulator. Kernels that want an FMA write fmaf(), which both compute exactly.
+NVCC_FLAGS = ["-O3", "-std=c++17", "-lineinfo", "-Xptxas=-v", "-fmad=false"]
+# The same promise on the host: no contraction (GCC's default outside strict ISO modes).
+SIMT_FLAGS = ["-ffp-contract=off", "-DMOE_KERNELS_TARGET_SIMT"]
+# The kernels' translation unit only: every load and store calls the emulator's memory
+# observer (csrc/simt/memory.cpp), through the compiler's thread-sanitizer hooks; no
+# sanitizer runtime is linked.
+SIMT_KERNEL_FLAGS = ["-fsanitize=thread", "--param=tsan-instrument-func-entry-exit=0",
+                     "--param=tsan-distinguish-volatile=0"]
+SIMT_KERNELS = "csrc/simt/kernels.cpp"
 
 
 def sources(*patterns):
@@ -147,13 +161,14 @@ ADAPTERS = sources("csrc/bindings.cpp", "csrc/torch/*.cpp")
 
 def make_extensions():
     extensions = []
-    build_info = {"cuda_built": False, "cuda_reason": "", "archs": [], "simt_sanitize": ""}
+    build_info = {"cuda_built": False, "cuda_reason": "", "archs": [], "simt_sanitize": "",
+                  "simt_observer": not os.environ.get("MOE_KERNELS_SANITIZE")}
 
     simt_include = cuda_headers_for_simt()
     if simt_include is None:
         raise RuntimeError("moe_kernels: the emulator build needs cuda_bf16.h/cuda_fp16.h: "
                            "install the CUDA toolkit or the nvidia-cuda-runtime wheel")
-    simt_flags = list(CXX_FLAGS) + ["-DMOE_KERNELS_TARGET_SIMT"]
+    simt_flags = list(CXX_FLAGS) + SIMT_FLAGS
     simt_link = []
     sanitize = os.environ.get("MOE_KERNELS_SANITIZE", "")
     if sanitize:
@@ -196,6 +211,29 @@ def make_extensions():
     return extensions
 
 
+def compile_simt_kernels(ext, build_temp):
+    """Compiles the kernels' translation unit of `_simt` on its own, with the memory
+    observer's instrumentation (SIMT_KERNEL_FLAGS), and links it in as an object: setuptools
+    gives every source of an extension the same flags."""
+    sanitizing = bool(os.environ.get("MOE_KERNELS_SANITIZE"))
+    flags = ext.extra_compile_args["cxx"] + ([] if sanitizing else SIMT_KERNEL_FLAGS)
+    obj = Path(build_temp) / "simt_kernels.o"
+    obj.parent.mkdir(parents=True, exist_ok=True)
+    newest_source = max(p.stat().st_mtime for p in (ROOT / "csrc").rglob("*") if p.is_file())
+    ext.sources = [s for s in ext.sources if s != SIMT_KERNELS]
+    ext.extra_objects = [str(obj)]
+    stamp = obj.with_suffix(".flags")
+    if obj.exists() and obj.stat().st_mtime > newest_source and stamp.exists() and \
+            stamp.read_text() == " ".join(flags):
+        return  # up to date (an in-place rebuild)
+    cxx = os.environ.get("CXX", "c++")
+    command = [cxx, "-fPIC", "-g", *flags, *(f"-I{d}" for d in ext.include_dirs),
+               "-c", str(ROOT / SIMT_KERNELS), "-o", str(obj)]
+    _log("compiling the emulated kernels: " + " ".join(command))
+    subprocess.run(command, check=True)
+    stamp.write_text(" ".join(flags))
+
+
 class Build(BuildExtension):
     """Gives each extension its own object directory: _C and _simt compile the same adapter
     sources with different defines, and setuptools would otherwise share the objects."""
@@ -204,6 +242,8 @@ class Build(BuildExtension):
         shared_temp = self.build_temp
         self.build_temp = os.path.join(shared_temp, ext.name.replace(".", "_"))
         try:
+            if ext.name == "moe_kernels._simt":
+                compile_simt_kernels(ext, self.build_temp)
             super().build_extension(ext)
         finally:
             self.build_temp = shared_temp

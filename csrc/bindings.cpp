@@ -4,6 +4,34 @@
 
 #include "torch/ops.h"
 
+#if !defined(MOE_KERNELS_TARGET_CUDA)
+#include "simt/traffic.h"
+
+// The emulator's traffic counters as a list of dicts, one per launch.
+static py::list traffic_end() {
+  py::list rows;
+  for (const simt::TrafficRow& r : simt::traffic_end()) {
+    py::dict row;
+    row["kernel"] = r.kernel;
+    row["grid"] = py::make_tuple(r.grid[0], r.grid[1], r.grid[2]);
+    row["block"] = py::make_tuple(r.block[0], r.block[1], r.block[2]);
+    row["global_instructions"] = r.global_instructions;
+    row["global_bytes_read"] = r.global_bytes_read;
+    row["global_bytes_written"] = r.global_bytes_written;
+    row["sectors_read"] = r.sectors_read;
+    row["sectors_written"] = r.sectors_written;
+    row["unique_bytes_read"] = r.unique_bytes_read;
+    row["unique_bytes_written"] = r.unique_bytes_written;
+    row["shared_instructions"] = r.shared_instructions;
+    row["shared_wavefronts"] = r.shared_wavefronts;
+    row["shared_ideal_wavefronts"] = r.shared_ideal_wavefronts;
+    row["max_bank_conflict_ways"] = r.max_bank_conflict_ways;
+    rows.append(row);
+  }
+  return rows;
+}
+#endif
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "moe_kernels native ops";
 #if defined(MOE_KERNELS_TARGET_CUDA)
@@ -36,6 +64,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("unpermute_backward", &moe::unpermute_backward, "Gradients of unpermute",
         py::arg("grad_y"), py::arg("y_perm"), py::arg("row_map"), py::arg("weights"),
         py::arg("need_grad_y_perm"), py::arg("need_grad_weights"));
+
+#if !defined(MOE_KERNELS_TARGET_CUDA)
+  m.def("traffic_begin", &simt::traffic_begin, "Count the memory traffic of every launch from now on");
+  m.def("traffic_end", &traffic_end, "Stop counting; one dict per launch since traffic_begin");
+#endif
 
   py::module_ t = m.def_submodule("testing", "kernels that test the execution model");
   t.def("block_sum", &moe::testing::block_sum, py::arg("x"), py::arg("block"));

@@ -59,9 +59,17 @@ const uint3& block_idx();
 const dim3& block_dim();
 const dim3& grid_dim();
 
-// Runs `body` once per CUDA thread of every block of the grid.
-void launch(const char* kernel_name, dim3 grid, dim3 block, size_t dynamic_smem_bytes,
-            const std::function<void()>& body);
+// Runs `body` once per CUDA thread of every block of the grid. `kernel` identifies the
+// kernel function (its static shared memory is looked up from the module's symbols);
+// the launch is checked against the emulated architecture's limits first.
+void launch(const char* kernel_name, const void* kernel, dim3 grid, dim3 block,
+            size_t dynamic_smem_bytes, const std::function<void()>& body);
+
+// Static shared memory of a kernel: the `__shared__` variables declared in its body.
+size_t static_shared_bytes(const void* kernel);
+// cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes): the
+// opt-in above 48 KiB. Fails, as the GPU does, past the architecture's maximum.
+void set_max_dynamic_shared_bytes(const char* kernel_name, const void* kernel, size_t bytes);
 
 // Dynamic shared memory of the running block (exactly the launch's byte count).
 unsigned char* dynamic_shared_memory();
@@ -71,10 +79,44 @@ void syncthreads(const char* file, int line);
 // The warp collective primitive: every lane of `mask` posts `value` (up to 8 bytes);
 // once all have, each gets the values of all lanes of the mask. `op` names the
 // collective so that mixing two different ones is reported.
-enum class WarpOp { shfl, ballot, any, all, syncwarp };
+enum class WarpOp { shfl, ballot, any, all, syncwarp, matrix };
 const uint64_t* warp_exchange(WarpOp op, unsigned mask, uint64_t value);
 int lane_id();
 [[noreturn]] void fail(const std::string& message);
+
+// A warp-wide matrix instruction (mma.sync, ldmatrix): all 32 lanes of the warp must call
+// it (the PTX `.aligned` rule; a lane that exited is an error naming `instruction`). Each
+// lane posts a pointer to its inputs and to its outputs; when the last lane arrives,
+// `compute(in, out)` runs once with every lane's pointers (indexed by lane, all lanes
+// blocked, so their data is stable) and then all lanes go on. Not a memory fence: the
+// race detector orders nothing by it, as the GPU does not.
+using WarpCompute = void (*)(const void* const* in, void* const* out);
+void warp_matrix_op(const char* instruction, const void* in, void* out, WarpCompute compute);
+
+// ---- Memory accesses the emulator makes on a kernel's behalf --------------------------
+// Kernel code is compiled with the compiler's thread-sanitizer instrumentation, so every
+// load and store it makes reaches the emulator (race detector, traffic counters,
+// alignment). Code inside the emulator (ldmatrix rows, cp.async copies) is not
+// instrumented and reports its accesses here. `lane` >= 0 attributes the access to that
+// lane of the calling thread's warp (a warp-wide instruction reads for all its lanes).
+enum class Access : uint8_t { read, write, atomic };
+void observe(const void* address, size_t bytes, Access kind, int lane = -1);
+// The same, with the code address to name in reports (atomics pass their caller's).
+void observe_at(const void* address, size_t bytes, Access kind, const void* code_address);
+// Fails, naming the kernel and `what`, unless `address` is a multiple of `alignment`.
+void check_alignment(const void* address, size_t alignment, const char* what);
+// Whether `address` lies in the running block's shared memory (static or dynamic).
+bool is_shared_memory(const void* address);
+
+// cp.async (PTX ISA 9.7.9.25): copies `cp_size` bytes from global `src` to shared `dst`,
+// of which the first `src_size` come from `src` and the rest are zero-filled. The copy
+// lands in shared memory only at the async_wait that covers its group, as on the GPU;
+// until then the destination holds what it held before (and the race detector reports any
+// access to it). A thread that exits with copies in flight is an error.
+void async_copy(void* dst, const void* src, int cp_size, int src_size);
+void async_commit();                  // cp.async.commit_group
+void async_wait(int pending_groups);  // cp.async.wait_group N: all but the newest N groups
+void async_wait_all();                // cp.async.wait_all: every copy, committed or not
 
 template <typename T>
 uint64_t to_bits(T v) {
@@ -114,9 +156,11 @@ T shuffle_from(unsigned mask, T var, int src_lane, int width) {
 
 #define __syncthreads() ::simt::syncthreads(__FILE__, __LINE__)
 
-inline void __syncwarp(unsigned mask = 0xffffffffu) {
-  ::simt::warp_exchange(::simt::WarpOp::syncwarp, mask, 0);
+namespace simt {
+void syncwarp(const char* file, int line, unsigned mask);
 }
+// A macro, like __syncthreads, so the emulator knows the call site (mutation tests).
+#define __syncwarp(...) ::simt::syncwarp(__FILE__, __LINE__, 0xffffffffu __VA_OPT__(&(__VA_ARGS__)))
 
 template <typename T>
 T __shfl_sync(unsigned mask, T var, int src_lane, int width = 32) {
@@ -168,38 +212,26 @@ inline int __all_sync(unsigned mask, int predicate) {
 }
 
 // Atomics: fibers switch only at barriers and collectives, so these are atomic as is.
+// Their own loads and stores are not instrumented (the race detector would take them for
+// plain accesses); each reports itself as one atomic access instead.
+#define SIMT_ATOMIC(name, update)                                          \
+  template <typename T>                                                    \
+  __attribute__((no_sanitize_thread, noinline)) T name(T* address, T value) { \
+    ::simt::observe_at(address, sizeof(T), ::simt::Access::atomic,         \
+                       __builtin_return_address(0));                       \
+    T old = *address;                                                      \
+    *address = (update);                                                   \
+    return old;                                                            \
+  }
+SIMT_ATOMIC(atomicAdd, old + value)
+SIMT_ATOMIC(atomicSub, old - value)
+SIMT_ATOMIC(atomicMax, std::max(old, value))
+SIMT_ATOMIC(atomicMin, std::min(old, value))
+SIMT_ATOMIC(atomicExch, value)
+#undef SIMT_ATOMIC
 template <typename T>
-T atomicAdd(T* address, T value) {
-  T old = *address;
-  *address = old + value;
-  return old;
-}
-template <typename T>
-T atomicSub(T* address, T value) {
-  T old = *address;
-  *address = old - value;
-  return old;
-}
-template <typename T>
-T atomicMax(T* address, T value) {
-  T old = *address;
-  *address = std::max(old, value);
-  return old;
-}
-template <typename T>
-T atomicMin(T* address, T value) {
-  T old = *address;
-  *address = std::min(old, value);
-  return old;
-}
-template <typename T>
-T atomicExch(T* address, T value) {
-  T old = *address;
-  *address = value;
-  return old;
-}
-template <typename T>
-T atomicCAS(T* address, T compare, T value) {
+__attribute__((no_sanitize_thread, noinline)) T atomicCAS(T* address, T compare, T value) {
+  ::simt::observe_at(address, sizeof(T), ::simt::Access::atomic, __builtin_return_address(0));
   T old = *address;
   if (old == compare) *address = value;
   return old;

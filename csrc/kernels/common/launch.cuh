@@ -20,16 +20,39 @@ struct type_identity {
   using type = T;
 };
 
+// Shared memory a block may use without opting in (every architecture).
+constexpr size_t kDefaultSharedLimit = 48 * 1024;
+
+// Static shared memory of `kernel` (its __shared__ variables), as the GPU or the emulator
+// knows it.
+template <typename Kernel>
+size_t static_shared_bytes(Kernel* kernel) {
+#if defined(MOE_KERNELS_SIMT)
+  return simt::static_shared_bytes(reinterpret_cast<const void*>(kernel));
+#else
+  cudaFuncAttributes attributes{};
+  cudaError_t err = cudaFuncGetAttributes(&attributes, kernel);
+  if (err != cudaSuccess) throw std::runtime_error(std::string("cudaFuncGetAttributes: ") + cudaGetErrorString(err));
+  return attributes.sharedSizeBytes;
+#endif
+}
+
 // Arguments convert to the kernel's parameter types at the call site (no deduction from
 // the arguments), so a narrowing conversion is visible where the launch is written.
+// A launch whose static + dynamic shared memory exceeds 48 KiB opts in to the larger
+// dynamic size first (cudaFuncAttributeMaxDynamicSharedMemorySize): the limit counts
+// both, so the opt-in is needed even when the dynamic part alone fits in 48 KiB.
 template <typename... Params>
 void launch_kernel(const char* name, void (*kernel)(Params...), const LaunchConfig& cfg,
                    typename type_identity<Params>::type... args) {
   if (cfg.grid.x == 0 || cfg.grid.y == 0 || cfg.grid.z == 0) return;  // empty input
+  const bool opt_in = cfg.smem_bytes > 0 && static_shared_bytes(kernel) + cfg.smem_bytes > kDefaultSharedLimit;
 #if defined(MOE_KERNELS_SIMT)
-  simt::launch(name, cfg.grid, cfg.block, cfg.smem_bytes, [&] { kernel(args...); });
+  if (opt_in) simt::set_max_dynamic_shared_bytes(name, reinterpret_cast<const void*>(kernel), cfg.smem_bytes);
+  simt::launch(name, reinterpret_cast<const void*>(kernel), cfg.grid, cfg.block, cfg.smem_bytes,
+               [&] { kernel(args...); });
 #else
-  if (cfg.smem_bytes > 48 * 1024) {
+  if (opt_in) {
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            static_cast<int>(cfg.smem_bytes));
     if (err != cudaSuccess) {
