@@ -72,11 +72,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   py::module_ t = m.def_submodule("testing", "kernels that test the execution model");
   t.def("block_sum", &moe::testing::block_sum, py::arg("x"), py::arg("block"));
-  t.def("transpose", &moe::testing::transpose, py::arg("x"));
+  t.def("transpose", &moe::testing::transpose, py::arg("x"), py::arg("padded") = true);
   t.def("warp_scan", &moe::testing::warp_scan, py::arg("x"));
   t.def("histogram", &moe::testing::histogram, py::arg("x"), py::arg("bins"));
   t.def("block_reverse", &moe::testing::block_reverse, py::arg("x"), py::arg("block"));
   t.def("broken", &moe::testing::broken, py::arg("mode"), py::arg("out"));
+  t.def("shared_memory", &moe::testing::shared_memory, py::arg("dynamic_bytes"), py::arg("opt_in") = true,
+        py::arg("grid") = std::vector<int64_t>{1, 1, 1}, py::arg("block") = std::vector<int64_t>{64, 1, 1});
   t.def("mma_probe", &moe::testing::mma_probe, py::arg("a_frag"), py::arg("b_frag"),
         py::arg("c_frag"), py::arg("bf16"));
   t.def("ldmatrix_probe", &moe::testing::ldmatrix_probe, py::arg("x"), py::arg("lane_rows"),

@@ -1,6 +1,8 @@
 """The SIMT emulator's own tests: small kernels that exercise barriers, shared memory,
 warp collectives and atomics, run in the emulator (and on a GPU when there is one)."""
 
+import re
+
 import pytest
 import torch
 
@@ -114,3 +116,182 @@ def test_asan_catches_out_of_bounds_write():
     assert child.returncode != 0
     assert "AddressSanitizer: heap-buffer-overflow" in child.stderr
     assert "broken_kernel" in child.stderr
+
+
+# ---- Race detector, alignment, launch limits, traffic counters (emulator only) ----------
+
+ORDERS = ("forward", "reverse", "shuffle")
+TESTING_SITE = r"testing\.cuh:\d+"
+
+
+def needs_observer():
+    from moe_kernels import _build_info
+
+    if not getattr(_build_info, "simt_observer", False):
+        pytest.skip("the AddressSanitizer build of _simt has no memory observer")
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("mode,what", [
+    (5, "conflicting accesses with no barrier between them on shared memory"),
+    (6, "conflicting accesses with no barrier between them on shared memory"),
+    (7, "accesses from two blocks of one launch on global memory"),
+])
+def test_race_detector_flags_deliberate_races(monkeypatch, order, mode, what):
+    needs_observer()
+    monkeypatch.setenv("MOE_KERNELS_SIMT_ORDER", order)
+    monkeypatch.setenv("MOE_KERNELS_SIMT_RACECHECK", "1")
+    with pytest.raises(RuntimeError) as info:
+        native("simt").testing.broken(mode, torch.zeros(64))
+    message = str(info.value)
+    assert f"race detector: {what}" in message
+    assert "kernel 'broken_kernel'" in message
+    # Both accesses are named by their source line.
+    assert len(re.findall(TESTING_SITE, message)) == 2, message
+
+
+def test_shuffle_ordered_race_is_invisible_without_the_detector(monkeypatch):
+    """Mode 6 computes the 'right' answer in every resume order: only the detector sees it."""
+    for order in ORDERS:
+        monkeypatch.setenv("MOE_KERNELS_SIMT_ORDER", order)
+        out = torch.zeros(64)
+        native("simt").testing.broken(6, out)
+        assert out[1] == 42.0
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_race_detector_is_quiet_on_correct_kernels(monkeypatch, order):
+    needs_observer()
+    monkeypatch.setenv("MOE_KERNELS_SIMT_ORDER", order)
+    monkeypatch.setenv("MOE_KERNELS_SIMT_RACECHECK", "1")
+    t = native("simt").testing
+    x = torch.randn(300)
+    assert torch.allclose(t.block_sum(x, 128), torch.nn.functional.pad(x, (0, 84)).view(3, 128).sum(1), atol=1e-4)
+    m = torch.randn(45, 77)
+    assert torch.equal(t.transpose(m), m.t())
+    assert torch.equal(t.histogram(torch.randint(0, 5, (700,), dtype=torch.int32), 5).sum(), torch.tensor(700))
+    assert torch.equal(t.block_reverse(torch.arange(100.0), 64)[:64], torch.arange(64.0).flip(0))
+
+
+@pytest.mark.parametrize("mode,space", [(8, "global"), (9, "shared")])
+def test_misaligned_vector_access_fails(mode, space):
+    needs_observer()
+    with pytest.raises(RuntimeError, match=rf"misaligned 16-byte load at {space} memory address \d+ "
+                                           rf"\(not a multiple of 16; the GPU faults\).*kernel 'broken_kernel'"):
+        native("simt").testing.broken(mode, torch.zeros(64))
+
+
+def test_barrier_skip_knob_reintroduces_a_race(monkeypatch):
+    """MOE_KERNELS_SIMT_SKIP_BARRIER (used by the mutation test) removes one barrier."""
+    needs_observer()
+    monkeypatch.setenv("MOE_KERNELS_SIMT_RACECHECK", "1")
+    t = native("simt").testing
+    t.block_reverse(torch.arange(64.0), 64)
+    import pathlib
+    source = (pathlib.Path(__file__).parent.parent / "csrc/kernels/testing.cuh").read_text().splitlines()
+    start = next(i for i, line in enumerate(source) if "block_reverse_kernel(" in line)
+    line = next(i for i in range(start, len(source)) if "__syncthreads()" in source[i]) + 1
+    monkeypatch.setenv("MOE_KERNELS_SIMT_SKIP_BARRIER", f"kernels/testing.cuh:{line}")
+    with pytest.raises(RuntimeError, match="race detector.*block_reverse_kernel"):
+        t.block_reverse(torch.arange(64.0), 64)
+
+
+# Shared memory: 1 KiB static in shared_memory_kernel, plus the dynamic bytes asked for.
+KIB = 1024
+
+
+@pytest.mark.parametrize("arch,fits,too_big", [
+    ("80", 162 * KIB, 162 * KIB + 4), ("90", 226 * KIB, 226 * KIB + 4), ("120", 98 * KIB, 98 * KIB + 4)])
+def test_launch_shared_memory_limits_per_arch(monkeypatch, arch, fits, too_big):
+    monkeypatch.setenv("MOE_KERNELS_SIMT_ARCH", arch)
+    t = native("simt").testing
+    assert t.shared_memory(fits).item() == 255 + fits // 4 - 1
+    with pytest.raises(RuntimeError, match=rf"kernel 'shared_memory_kernel' cannot opt in to {too_big} bytes.*"
+                                           rf"1024 static bytes.*sm_{arch}"):
+        t.shared_memory(too_big)
+
+
+def test_launch_without_opt_in_counts_static_shared_memory():
+    """47 KiB dynamic + 1 KiB static is exactly 48 KiB; 4 bytes more need the opt-in. An
+    opt-in lasts for the process (as cudaFuncSetAttribute does), so this runs in a fresh
+    one."""
+    import subprocess
+    import sys
+
+    code = """
+import torch, moe_kernels
+t = moe_kernels._backend.native_module("simt").testing
+assert t.shared_memory(47 * 1024, opt_in=False).item() == 255 + 47 * 256 - 1
+try:
+    t.shared_memory(47 * 1024 + 4, opt_in=False)
+    raise SystemExit("no error")
+except RuntimeError as e:
+    print(e)
+assert t.shared_memory(47 * 1024 + 4, opt_in=True).item() == 255 + 47 * 256
+t.shared_memory(47 * 1024 + 4, opt_in=False)  # opted in before: fine now
+"""
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0, child.stderr
+    assert re.search(r"kernel 'shared_memory_kernel' needs 1024 bytes of static \+ 48132 bytes of dynamic "
+                     r"shared memory.*without the opt-in", child.stdout), child.stdout
+
+
+@pytest.mark.parametrize("grid,block,message", [
+    ([1, 1, 1], [1025, 1, 1], r"block \(1025,1,1\): at most 1024 threads"),
+    ([1, 1, 1], [1, 1, 65], r"block \(1,1,65\).*z <= 64"),
+    ([1, 65536, 1], [32, 1, 1], r"grid \(1,65536,1\): x <= 2\^31-1, y and z <= 65535"),
+])
+def test_launch_thread_and_grid_limits(grid, block, message):
+    with pytest.raises(RuntimeError, match=rf"kernel 'shared_memory_kernel' launched with {message}"):
+        native("simt").testing.shared_memory(0, grid=grid, block=block)
+
+
+def test_unknown_arch_is_an_error(monkeypatch):
+    monkeypatch.setenv("MOE_KERNELS_SIMT_ARCH", "75")
+    with pytest.raises(RuntimeError, match="MOE_KERNELS_SIMT_ARCH: expected 80, 90 or 120, got '75'"):
+        native("simt").testing.shared_memory(0)
+
+
+def test_traffic_counters_transpose():
+    """64x64 float transpose: every warp reads and writes 128 contiguous bytes (4 sectors)
+    per instruction, so the sectors are exactly the minimum; the padded tile has no bank
+    conflicts, the unpadded one 32-way conflicts on the column read."""
+    needs_observer()
+    from moe_kernels import emulator
+
+    x = torch.randn(64, 64)
+    t = native("simt").testing
+    with emulator.traffic() as rows:
+        t.transpose(x, padded=True)
+        t.transpose(x, padded=False)
+    padded, unpadded = rows
+    assert padded["kernel"] == "transpose_kernel" and unpadded["kernel"] == "transpose_kernel_unpadded"
+    for row in rows:
+        assert row["grid"] == (2, 2, 1) and row["block"] == (32, 8, 1)
+        assert row["global_bytes_read"] == row["global_bytes_written"] == 64 * 64 * 4
+        assert row["sectors_read"] == row["sectors_written"] == 64 * 64 * 4 // 32
+        assert row["unique_bytes_read"] == row["unique_bytes_written"] == 64 * 64 * 4
+        assert row["amplification"] == 1.0
+        # 4 blocks x 8 warps x 4 rows each: 128 global loads and 128 stores.
+        assert row["global_instructions"] == 256
+        assert row["shared_instructions"] == 256
+    assert padded["max_bank_conflict_ways"] == 1 and padded["bank_conflict_factor"] == 1.0
+    assert unpadded["max_bank_conflict_ways"] == 32
+    # Stores to the tile are conflict-free (a row), the column reads take 32 wavefronts.
+    assert unpadded["shared_wavefronts"] == 128 * 1 + 128 * 32
+
+
+def test_traffic_counters_strided_and_atomic():
+    """A histogram: 3000 int32 loads in 32-thread warps (contiguous: 4 sectors each), and
+    atomics on 17 counters that every warp touches."""
+    needs_observer()
+    from moe_kernels import emulator
+
+    x = torch.randint(0, 17, (3000,), dtype=torch.int32)
+    with emulator.traffic() as rows:
+        native("simt").testing.histogram(x, 17)
+    (row,) = rows
+    assert row["unique_bytes_read"] == 3000 * 4
+    assert row["unique_bytes_written"] == 17 * 4
+    assert row["sectors_read"] == (3000 * 4 + 31) // 32
+    assert row["amplification"] > 1.0  # the counters are written once per warp, not once

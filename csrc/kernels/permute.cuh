@@ -112,13 +112,13 @@ union Chunk16 {
 template <typename T>
 __device__ __forceinline__ Chunk16<T> load_chunk(const T* src) {
   Chunk16<T> c;
-  c.raw = *reinterpret_cast<const uint4*>(src);
+  c.raw = load_vec16(src);
   return c;
 }
 
 template <typename T>
 __device__ __forceinline__ void store_chunk(T* dst, const Chunk16<T>& c) {
-  *reinterpret_cast<uint4*>(dst) = c.raw;
+  store_vec16(dst, c.raw);
 }
 
 // a * b rounded on its own, never fused into a following add: the sums of unpermute and

@@ -25,8 +25,11 @@ void launch_block_sum(const float* in, float* out, int64_t n, int block, cudaStr
   launch_kernel("block_sum_kernel", block_sum_kernel, cfg, in, out, n);
 }
 
+template <int PAD>
 __global__ void transpose_kernel(const float* in, float* out, int rows, int cols) {
-  __shared__ float tile[32][33];  // +1 column: no bank conflicts on the transposed read
+  // PAD = 1: a padded column, no bank conflicts on the transposed read; PAD = 0: 32-way
+  // conflicts (the traffic counters' test case).
+  __shared__ float tile[32][32 + PAD];
   const int c = blockIdx.x * 32 + threadIdx.x;
   for (int dy = threadIdx.y; dy < 32; dy += blockDim.y) {
     const int r = blockIdx.y * 32 + dy;
@@ -40,9 +43,13 @@ __global__ void transpose_kernel(const float* in, float* out, int rows, int cols
   }
 }
 
-void launch_transpose(const float* in, float* out, int rows, int cols, cudaStream_t stream) {
+void launch_transpose(const float* in, float* out, int rows, int cols, bool padded, cudaStream_t stream) {
   LaunchConfig cfg{dim3(ceil_div(cols, 32), ceil_div(rows, 32)), dim3(32, 8), 0, stream};
-  launch_kernel("transpose_kernel", transpose_kernel, cfg, in, out, rows, cols);
+  if (padded) {
+    launch_kernel("transpose_kernel", transpose_kernel<1>, cfg, in, out, rows, cols);
+  } else {
+    launch_kernel("transpose_kernel_unpadded", transpose_kernel<0>, cfg, in, out, rows, cols);
+  }
 }
 
 __global__ void warp_scan_kernel(const int32_t* in, int32_t* scan, int32_t* votes, int64_t n) {
@@ -122,13 +129,58 @@ __global__ void broken_kernel(int mode, float* out) {
     // Missing __syncthreads: the neighbour may not have written yet.
     out[threadIdx.x] = buffer[(threadIdx.x + 1) % 64];
     return;
+  } else if (mode == 6) {
+    // Lane 1 reads what lane 0 wrote, "ordered" only by a shuffle: no memory ordering. The
+    // emulator runs it correctly in every resume order (the shuffle is a rendezvous).
+    float* buffer = dynamic_smem<float>();
+    if (threadIdx.x == 0) buffer[0] = 42.f;
+    const float token = __shfl_sync(kFullMask, static_cast<float>(threadIdx.x), 0);
+    out[threadIdx.x] = threadIdx.x == 1 ? buffer[0] : token;
+    return;
+  } else if (mode == 7) {
+    // Two blocks: block 1 reads what block 0 wrote (blocks run in no defined order).
+    if (threadIdx.x == 0) {
+      if (blockIdx.x == 0) out[0] = 1.f;
+      else out[1] = out[0];
+    }
+    return;
+  } else if (mode == 8) {
+    // A 16-byte load from an address 4 bytes past a 16-byte boundary (global memory).
+    const uint4 v = load_vec16(out + 1);
+    out[threadIdx.x] = static_cast<float>(v.x);
+    return;
+  } else if (mode == 9) {
+    // The same in shared memory.
+    float* buffer = dynamic_smem<float>();
+    const uint4 v = load_vec16(buffer + 2);
+    out[threadIdx.x] = static_cast<float>(v.x);
+    return;
   }
   out[threadIdx.x] = 1.f;
 }
 
 void launch_broken(int mode, float* out, cudaStream_t stream) {
-  LaunchConfig cfg{dim3(1), dim3(64), 64 * sizeof(float), stream};
+  LaunchConfig cfg{dim3(mode == 7 ? 2 : 1), dim3(64), 64 * sizeof(float), stream};
   launch_kernel("broken_kernel", broken_kernel, cfg, mode, out);
+}
+
+__global__ void shared_memory_kernel(float* out, int dynamic_floats) {
+  __shared__ float fixed[256];  // 1 KiB of static shared memory
+  float* dynamic = dynamic_smem<float>();
+  for (int i = threadIdx.x; i < 256; i += blockDim.x) fixed[i] = static_cast<float>(i);
+  for (int i = threadIdx.x; i < dynamic_floats; i += blockDim.x) dynamic[i] = static_cast<float>(i);
+  __syncthreads();
+  if (threadIdx.x == 0) out[0] = fixed[255] + (dynamic_floats > 0 ? dynamic[dynamic_floats - 1] : 0.f);
+}
+
+void launch_shared_memory(float* out, int64_t dynamic_bytes, bool opt_in,
+                          const std::array<unsigned, 3>& grid, const std::array<unsigned, 3>& block,
+                          cudaStream_t stream) {
+  LaunchConfig cfg{dim3(grid[0], grid[1], grid[2]), dim3(block[0], block[1], block[2]),
+                   static_cast<size_t>(dynamic_bytes), stream};
+  cfg.opt_in_shared = opt_in;
+  launch_kernel("shared_memory_kernel", shared_memory_kernel, cfg, out,
+                static_cast<int>(dynamic_bytes / sizeof(float)));
 }
 
 }  // namespace testing

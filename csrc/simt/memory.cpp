@@ -31,6 +31,7 @@
 
 #include <array>
 #include <cstdio>
+#include <pthread.h>
 #include <map>
 #include <memory>
 #include <set>
@@ -52,6 +53,7 @@ struct LaunchView {
   uint64_t block = 0;
   uintptr_t dyn_begin = 0, dyn_end = 0;  // dynamic shared memory of the block
   uintptr_t tls_begin = 0, tls_end = 0;  // static shared memory (the module's thread-locals)
+  uintptr_t host_stack_begin = 0, host_stack_end = 0;  // the OS thread's stack
   int num_threads = 0;
   uint32_t epoch = 0;  // completed __syncthreads of the block
   // clocks[t][l]: what thread t knows of lane l of its warp (its own lane: its clock).
@@ -66,6 +68,8 @@ Space space_of(uintptr_t a) {
   if (a - v.dyn_begin < v.dyn_end - v.dyn_begin) return Space::shared;
   if (a - v.tls_begin < v.tls_end - v.tls_begin) return Space::shared;
   if (on_fiber_stack(reinterpret_cast<const void*>(a))) return Space::none;
+  // The launcher's stack: the kernel's arguments (parameter space on the GPU, not global).
+  if (a - v.host_stack_begin < v.host_stack_end - v.host_stack_begin) return Space::none;
   return Space::global;
 }
 
@@ -341,8 +345,9 @@ void on_access(const void* address, size_t bytes, Access kind, const void* pc, i
   if (space == Space::none) return;
   if ((bytes == 2 || bytes == 4 || bytes == 8 || bytes == 16) && (a & (bytes - 1)) != 0) {
     fail("misaligned " + std::to_string(bytes) + "-byte " + (kind == Access::read ? "load" : "store") +
-         " from " + (space == Space::shared ? "shared" : "global") + " memory address " +
-         std::to_string(a) + " at " + source_line(code_offset(pc)) + " (the GPU faults)");
+         " at " + (space == Space::shared ? "shared" : "global") + " memory address " +
+         std::to_string(a) + " (not a multiple of " + std::to_string(bytes) + "; the GPU faults), at " +
+         source_line(code_offset(pc)));
   }
   int thread = current_thread();
   if (thread < 0) return;
@@ -357,6 +362,23 @@ void on_access(const void* address, size_t bytes, Access kind, const void* pc, i
 bool env_flag(const char* name) {
   const char* value = std::getenv(name);
   return value != nullptr && value[0] != '\0' && std::string(value) != "0";
+}
+
+void host_stack(uintptr_t* begin, uintptr_t* end) {
+  thread_local uintptr_t cached_begin = 0, cached_end = 0;
+  if (cached_end == 0) {
+    pthread_attr_t attr;
+    void* base = nullptr;
+    size_t size = 0;
+    if (pthread_getattr_np(pthread_self(), &attr) == 0) {
+      pthread_attr_getstack(&attr, &base, &size);
+      pthread_attr_destroy(&attr);
+    }
+    cached_begin = reinterpret_cast<uintptr_t>(base);
+    cached_end = cached_begin + size;
+  }
+  *begin = cached_begin;
+  *end = cached_end;
 }
 
 void reset_clocks() {
@@ -379,6 +401,7 @@ void memory_launch_begin(const char* kernel_name, const void*, dim3 grid, dim3 b
   thread_local_block(&tls_begin, &tls_end);
   v.tls_begin = reinterpret_cast<uintptr_t>(tls_begin);
   v.tls_end = reinterpret_cast<uintptr_t>(tls_end);
+  host_stack(&v.host_stack_begin, &v.host_stack_end);
   g_global_shadow.clear();
   if (v.traffic) {
     g_traffic.current = TrafficRow{};
@@ -473,10 +496,11 @@ void observe_at(const void* address, size_t bytes, Access kind, const void* code
 }
 
 void check_alignment(const void* address, size_t alignment, const char* what) {
-  if (reinterpret_cast<uintptr_t>(address) % alignment != 0) {
-    fail(std::string("misaligned ") + what + ": address " +
-         std::to_string(reinterpret_cast<uintptr_t>(address)) + " is not a multiple of " +
-         std::to_string(alignment));
+  const uintptr_t a = reinterpret_cast<uintptr_t>(address);
+  if (a % alignment != 0) {
+    fail(std::string("misaligned ") + what + " at " + (is_shared_memory(address) ? "shared" : "global") +
+         " memory address " + std::to_string(a) + " (not a multiple of " + std::to_string(alignment) +
+         "; the GPU faults)");
   }
 }
 

@@ -164,7 +164,8 @@ struct Launch {
   Order order = Order::forward;
   dim3 grid, block;
   uint3 block_idx{};
-  const std::function<void()>* body = nullptr;
+  KernelBody body = nullptr;
+  const void* closure = nullptr;
   std::vector<unsigned char> dynamic_smem;
   std::vector<Fiber> fibers;
   int num_threads = 0;
@@ -209,7 +210,7 @@ void fiber_main(void* arg) {
 #if defined(SIMT_ASAN)
   __sanitizer_finish_switch_fiber(nullptr, &l.scheduler_stack_bottom, &l.scheduler_stack_size);
 #endif
-  (*l.body)();
+  l.body(l.closure);
   if (!l.current->copies.empty()) {
     fail("thread exits with " + std::to_string(l.current->copies.size()) +
          " cp.async copies in flight (no cp.async.wait_group covers them)");
@@ -344,10 +345,10 @@ void run_block(Launch& l) {
 
 }  // namespace
 
-const uint3& thread_idx() { return self().thread_idx; }
-const uint3& block_idx() { return launch_state().block_idx; }
-const dim3& block_dim() { return launch_state().block; }
-const dim3& grid_dim() { return launch_state().grid; }
+uint3 thread_idx() { return self().thread_idx; }
+uint3 block_idx() { return launch_state().block_idx; }
+dim3 block_dim() { return launch_state().block; }
+dim3 grid_dim() { return launch_state().grid; }
 int lane_id() { return self().linear_id % 32; }
 
 unsigned char* dynamic_shared_memory() {
@@ -618,7 +619,7 @@ size_t static_shared_bytes(const void* kernel) {
 }
 
 void launch(const char* kernel_name, const void* kernel, dim3 grid, dim3 block,
-            size_t dynamic_smem_bytes, const std::function<void()>& body) {
+            size_t dynamic_smem_bytes, KernelBody body, const void* closure) {
   if (g_launch != nullptr) throw std::logic_error("simt: kernel launched from inside a kernel");
   check_launch_limits(kernel_name, kernel, grid, block, dynamic_smem_bytes);
   Launch l;
@@ -629,7 +630,8 @@ void launch(const char* kernel_name, const void* kernel, dim3 grid, dim3 block,
   l.order = schedule_order();
   l.grid = grid;
   l.block = block;
-  l.body = &body;
+  l.body = body;
+  l.closure = closure;
   l.num_threads = static_cast<int>(block.x * block.y * block.z);
   l.dynamic_smem.resize(dynamic_smem_bytes);
   l.fibers.resize(l.num_threads);

@@ -54,16 +54,20 @@ struct KernelError : std::runtime_error {
 };
 
 // Per-thread (fiber) coordinates of the running kernel.
-const uint3& thread_idx();
-const uint3& block_idx();
-const dim3& block_dim();
-const dim3& grid_dim();
+// By value: the coordinates live in the emulator, not in memory the kernel accesses.
+uint3 thread_idx();
+uint3 block_idx();
+dim3 block_dim();
+dim3 grid_dim();
 
 // Runs `body` once per CUDA thread of every block of the grid. `kernel` identifies the
 // kernel function (its static shared memory is looked up from the module's symbols);
 // the launch is checked against the emulated architecture's limits first.
+// `body(closure)` runs the kernel for one thread; the closure (the kernel's arguments) stays
+// on the launcher's stack, where the memory observer does not count it as global memory.
+using KernelBody = void (*)(const void* closure);
 void launch(const char* kernel_name, const void* kernel, dim3 grid, dim3 block,
-            size_t dynamic_smem_bytes, const std::function<void()>& body);
+            size_t dynamic_smem_bytes, KernelBody body, const void* closure);
 
 // Static shared memory of a kernel: the `__shared__` variables declared in its body.
 size_t static_shared_bytes(const void* kernel);

@@ -40,11 +40,13 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> unpermute_backw
 
 namespace testing {
 at::Tensor block_sum(const at::Tensor& x, int64_t block);
-at::Tensor transpose(const at::Tensor& x);
+at::Tensor transpose(const at::Tensor& x, bool padded);
 std::tuple<at::Tensor, at::Tensor> warp_scan(const at::Tensor& x);
 at::Tensor histogram(const at::Tensor& x, int64_t bins);
 at::Tensor block_reverse(const at::Tensor& x, int64_t block);
 void broken(int64_t mode, const at::Tensor& out);
+at::Tensor shared_memory(int64_t dynamic_bytes, bool opt_in, std::vector<int64_t> grid,
+                         std::vector<int64_t> block);
 }  // namespace testing
 
 // PTX primitive probes (testing_ptx.cuh).

@@ -17,12 +17,12 @@ at::Tensor block_sum(const at::Tensor& x, int64_t block) {
   return out;
 }
 
-at::Tensor transpose(const at::Tensor& x) {
+at::Tensor transpose(const at::Tensor& x, bool padded) {
   check_input(x, "x", at::kFloat, 2);
   const c10::DeviceGuard guard(x.device());
   at::Tensor out = at::empty({x.size(1), x.size(0)}, x.options());
   launch_transpose(x.data_ptr<float>(), out.data_ptr<float>(), static_cast<int>(x.size(0)),
-                   static_cast<int>(x.size(1)), current_stream(x));
+                   static_cast<int>(x.size(1)), padded, current_stream(x));
   return out;
 }
 
@@ -57,6 +57,22 @@ at::Tensor block_reverse(const at::Tensor& x, int64_t block) {
   at::Tensor out = at::empty_like(x);
   launch_block_reverse(x.data_ptr<float>(), out.data_ptr<float>(), x.numel(),
                        static_cast<int>(block), current_stream(x));
+  return out;
+}
+
+at::Tensor shared_memory(int64_t dynamic_bytes, bool opt_in, std::vector<int64_t> grid,
+                         std::vector<int64_t> block) {
+  MOE_CHECK_VALUE(!kTargetIsCuda, "opt_in", "the launch-limit probe runs only in the emulator");
+  MOE_CHECK_VALUE(dynamic_bytes >= 0 && dynamic_bytes % 4 == 0, "dynamic_bytes",
+                  "expected a non-negative multiple of 4, got ", dynamic_bytes);
+  MOE_CHECK_VALUE(grid.size() == 3 && block.size() == 3, "grid", "grid and block take 3 sizes");
+  at::Tensor out = at::zeros({1}, at::kFloat);
+  auto dims = [](const std::vector<int64_t>& v) {
+    return std::array<unsigned, 3>{static_cast<unsigned>(v[0]), static_cast<unsigned>(v[1]),
+                                   static_cast<unsigned>(v[2])};
+  };
+  launch_shared_memory(out.data_ptr<float>(), dynamic_bytes, opt_in, dims(grid), dims(block),
+                       current_stream(out));
   return out;
 }
 

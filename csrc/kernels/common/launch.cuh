@@ -13,6 +13,9 @@ struct LaunchConfig {
   dim3 block;
   size_t smem_bytes = 0;
   cudaStream_t stream = nullptr;
+  // Opt in to more than 48 KiB of shared memory when the launch needs it. Only the
+  // emulator's tests of the launch limits turn this off.
+  bool opt_in_shared = true;
 };
 
 template <typename T>
@@ -46,11 +49,12 @@ template <typename... Params>
 void launch_kernel(const char* name, void (*kernel)(Params...), const LaunchConfig& cfg,
                    typename type_identity<Params>::type... args) {
   if (cfg.grid.x == 0 || cfg.grid.y == 0 || cfg.grid.z == 0) return;  // empty input
-  const bool opt_in = cfg.smem_bytes > 0 && static_shared_bytes(kernel) + cfg.smem_bytes > kDefaultSharedLimit;
+  const bool opt_in = cfg.opt_in_shared && cfg.smem_bytes > 0 && static_shared_bytes(kernel) + cfg.smem_bytes > kDefaultSharedLimit;
 #if defined(MOE_KERNELS_SIMT)
   if (opt_in) simt::set_max_dynamic_shared_bytes(name, reinterpret_cast<const void*>(kernel), cfg.smem_bytes);
+  auto body = [&] { kernel(args...); };
   simt::launch(name, reinterpret_cast<const void*>(kernel), cfg.grid, cfg.block, cfg.smem_bytes,
-               [&] { kernel(args...); });
+               [](const void* closure) { (*static_cast<const decltype(body)*>(closure))(); }, &body);
 #else
   if (opt_in) {
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,

@@ -28,9 +28,23 @@ struct Vec16 {
 };
 
 // Loads 16 bytes (Vec16<T>::size elements) from a 16-byte aligned address, as raw bits.
+// The emulator checks the alignment here too: the compiler may split the access into
+// smaller ones, which its per-access check would then pass.
 template <typename T>
 __device__ __forceinline__ uint4 load_vec16(const T* src) {
+#if defined(MOE_KERNELS_SIMT)
+  simt::check_alignment(src, 16, "16-byte load");
+#endif
   return *reinterpret_cast<const uint4*>(src);
+}
+
+// Stores 16 bytes to a 16-byte aligned address.
+template <typename T>
+__device__ __forceinline__ void store_vec16(T* dst, uint4 bits) {
+#if defined(MOE_KERNELS_SIMT)
+  simt::check_alignment(dst, 16, "16-byte store");
+#endif
+  *reinterpret_cast<uint4*>(dst) = bits;
 }
 
 // Loads 16 bytes (Vec16<T>::size elements) from a 16-byte aligned address as fp32.
