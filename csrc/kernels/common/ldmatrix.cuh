@@ -22,35 +22,13 @@ namespace moe {
 #if defined(MOE_KERNELS_SIMT)
 namespace detail {
 
-// The emulated ldmatrix: reads the 8 * kNum row addresses that lanes 0 .. 8 * kNum - 1
-// posted, checks and reports each 16-byte row read on behalf of the lane that supplied it
-// (this runs on one lane's fiber and is not instrumented), then distributes the elements.
+// The emulated ldmatrix (csrc/simt/tensor_core.cpp, instantiated there for the six
+// variants; emulator code that the memory observer does not instrument): reads the 8 * kNum
+// row addresses that lanes 0 .. 8 * kNum - 1 posted, checks each (16-byte aligned, in
+// shared memory) and reports its 16-byte read on behalf of the lane that supplied it, then
+// gives every lane its registers per the layout above.
 template <int kNum, bool kTrans>
-void ldmatrix_compute(const void* const* in, void* const* out) {
-  uint16_t m8n8[kNum][8][8];
-  for (int m = 0; m < kNum; ++m) {
-    for (int r = 0; r < 8; ++r) {
-      const int lane = 8 * m + r;
-      const unsigned char* row = *static_cast<const unsigned char* const*>(in[lane]);
-      simt::check_alignment(row, 16, "ldmatrix row address");
-      if (!simt::is_shared_memory(row) || !simt::is_shared_memory(row + 15)) {
-        simt::fail("ldmatrix: the row address of lane " + std::to_string(lane) +
-                   " is not in shared memory");
-      }
-      simt::observe(row, 16, simt::Access::read, lane);
-      std::memcpy(m8n8[m][r], row, 16);
-    }
-  }
-  for (int lane = 0; lane < 32; ++lane) {
-    uint32_t* regs = static_cast<uint32_t*>(out[lane]);
-    const int row = lane / 4, col = 2 * (lane % 4);
-    for (int m = 0; m < kNum; ++m) {
-      const uint32_t lo = kTrans ? m8n8[m][col][row] : m8n8[m][row][col];
-      const uint32_t hi = kTrans ? m8n8[m][col + 1][row] : m8n8[m][row][col + 1];
-      regs[m] = lo | hi << 16;
-    }
-  }
-}
+void ldmatrix_compute(const void* const* in, void* const* out);
 
 template <int kNum, bool kTrans>
 inline void ldmatrix_emulated(const char* instruction, uint32_t* r, const void* row) {

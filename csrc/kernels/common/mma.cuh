@@ -55,50 +55,12 @@ struct MmaOperands {
   MmaFragC c;
 };
 
-inline float bf16_bits_to_float(uint32_t bits) {
-  __nv_bfloat16_raw raw;
-  raw.x = static_cast<unsigned short>(bits);
-  return __bfloat162float(__nv_bfloat16(raw));
-}
-inline float f16_bits_to_float(uint32_t bits) {
-  __half_raw raw;
-  raw.x = static_cast<unsigned short>(bits);
-  return __half2float(__half(raw));
-}
-
-// The emulated mma: decodes all 32 lanes' fragments per the layout above, computes D in
-// the documented order, writes every lane's D fragment. Runs once per warp, on the fiber
-// of the last lane to arrive (simt::warp_matrix_op).
-template <bool kBf16>
-void mma_m16n8k16_compute(const void* const* in, void* const* out) {
-  float A[16][16], B[16][8], C[16][8];
-  for (int lane = 0; lane < 32; ++lane) {
-    const MmaOperands& op = *static_cast<const MmaOperands*>(in[lane]);
-    const int g = lane >> 2, t = lane % 4;
-    for (int i = 0; i < 8; ++i) {  // a_i: register i / 2, half i % 2
-      const uint32_t bits = op.a.reg[i / 2] >> (16 * (i % 2)) & 0xFFFFu;
-      const int row = (i < 2 || (i >= 4 && i < 6)) ? g : g + 8;
-      const int col = 2 * t + (i & 1) + (i >= 4 ? 8 : 0);
-      A[row][col] = kBf16 ? bf16_bits_to_float(bits) : f16_bits_to_float(bits);
-    }
-    for (int i = 0; i < 4; ++i) {  // b_i
-      const uint32_t bits = op.b.reg[i / 2] >> (16 * (i % 2)) & 0xFFFFu;
-      const int k = 2 * t + (i & 1) + (i >= 2 ? 8 : 0);
-      B[k][g] = kBf16 ? bf16_bits_to_float(bits) : f16_bits_to_float(bits);
-    }
-    for (int i = 0; i < 4; ++i) C[i < 2 ? g : g + 8][2 * t + (i & 1)] = op.c.reg[i];
-  }
-  for (int lane = 0; lane < 32; ++lane) {
-    MmaFragC& d = *static_cast<MmaFragC*>(out[lane]);
-    const int g = lane >> 2, t = lane % 4;
-    for (int i = 0; i < 4; ++i) {
-      const int m = i < 2 ? g : g + 8, n = 2 * t + (i & 1);
-      float acc = C[m][n];
-      for (int k = 0; k < 16; ++k) acc = acc + A[m][k] * B[k][n];
-      d.reg[i] = acc;
-    }
-  }
-}
+// The emulated instruction (csrc/simt/tensor_core.cpp, emulator code that the memory
+// observer does not instrument): decodes all 32 lanes' fragments per the layout above,
+// computes D in the documented order and writes every lane's D fragment. It runs once per
+// warp, on the fiber of the last lane to arrive at simt::warp_matrix_op.
+void mma_m16n8k16_compute_bf16(const void* const* in, void* const* out);
+void mma_m16n8k16_compute_f16(const void* const* in, void* const* out);
 
 }  // namespace detail
 #endif
@@ -111,7 +73,7 @@ __device__ __forceinline__ void mma_m16n8k16_bf16(MmaFragC& d, const MmaFragA& a
   const detail::MmaOperands in{a, b, c};
   MmaFragC result;
   simt::warp_matrix_op("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32", &in, &result,
-                       &detail::mma_m16n8k16_compute<true>);
+                       &detail::mma_m16n8k16_compute_bf16);
   d = result;
 #else
   asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
@@ -130,7 +92,7 @@ __device__ __forceinline__ void mma_m16n8k16_f16(MmaFragC& d, const MmaFragA& a,
   const detail::MmaOperands in{a, b, c};
   MmaFragC result;
   simt::warp_matrix_op("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32", &in, &result,
-                       &detail::mma_m16n8k16_compute<false>);
+                       &detail::mma_m16n8k16_compute_f16);
   d = result;
 #else
   asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
