@@ -21,14 +21,18 @@
 // nearest even in fp32). Because the product is exact, a compiler contracting this into an
 // fma gives the same bits.
 // The GPU does not round each add as IEEE does: its tensor cores add the exact products in
-// blocks with the significands aligned to the largest exponent and truncated, then add C,
-// in an order and grouping the ISA does not specify. Each step can therefore be off by up
-// to one ulp (2^-23 relative, not the 2^-24 of round-to-nearest), and there are at most 16
-// additions of 17 terms. Both the GPU's and the emulator's results thus lie within
-//   |d - exact| <= 17 * 2^-23 * (sum_k |A[m][k] * B[k][n]| + |C[m][n]|)
-// of the exact value (the classic recursive-summation bound with unit 2^-23, n = 17
-// terms), which is the tolerance the tests use against a float64 reference. Inputs whose
-// partial sums are all exact in fp32 (small integers) give exact, equal results on both.
+// blocks, with the significands aligned to the largest exponent and truncated, then add C,
+// in an order and grouping the ISA does not specify. Write S = sum_k |A[m][k] * B[k][n]| +
+// |C[m][n]| (17 terms). Each of the 17 terms can lose less than one unit in the last place
+// of a partial sum of magnitude <= S when it is aligned (truncation: 2^-23 relative, twice
+// the 2^-24 of round-to-nearest), and the final normalization loses at most one more, so
+//   |d - exact| <= 18 * 2^-23 * S
+// for any order and grouping, truncating or rounding; the emulator's 16 rounded adds stay
+// within 16 * 2^-24 * S (recursive summation). The tests use K * 2^-23 * S with K = 32 (a
+// margin for internals the ISA does not document; a wrong layout misses by orders of
+// magnitude more) against a float64 reference, and check the emulator bit for bit against
+// the order above. Inputs whose partial sums are all exact in fp32 (small integers) give
+// exact, equal results on both.
 #pragma once
 
 #include "platform.cuh"
