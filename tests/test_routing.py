@@ -503,6 +503,21 @@ def test_expert_choice(backend, tokens, experts, capacity):
             assert torch.equal(idx.cpu()[decided], ref_idx[decided])
 
 
+@pytest.mark.parametrize("tokens", [12272, 12280, 12288, 12289])
+def test_expert_choice_shared_memory_boundary(kernel_backend, tokens):
+    """Up to 12288 tokens the column of probabilities is cached in dynamic shared memory
+    (4 bytes a token) beside 64 bytes of static shared memory: past 12272 tokens the block
+    needs more than 48 KiB and the launch must opt in (the emulator refuses it otherwise,
+    as a GPU does)."""
+    logits = make_logits(tokens, 2, torch.float32, seed=tokens)
+    idx, w = run(kernel_backend, moe_kernels.expert_choice_gating, logits.to(device_of(kernel_backend)), 3)
+    ref_idx, ref_w = reference.expert_choice_gating(logits, 3)
+    decided = naive_expert_choice(logits, 3)[2] > CHOICE_MARGIN
+    assert decided.any()
+    assert torch.equal(idx.cpu()[decided], ref_idx[decided])
+    torch.testing.assert_close(w.cpu(), ref_w, **weight_tol())
+
+
 def test_expert_choice_ties_and_padding(backend):
     logits = torch.zeros(3, 4, device=device_of(backend))  # every probability ties
     idx, w = run(backend, moe_kernels.expert_choice_gating, logits, 5)

@@ -69,6 +69,7 @@ def test_rule_breaking_kernels_fail_loudly(mode, message):
 
 def test_schedule_order_exposes_missing_barrier(monkeypatch):
     """A race hidden by running threads in index order shows when they run in reverse."""
+    monkeypatch.delenv("MOE_KERNELS_SIMT_RACECHECK", raising=False)
     results = {}
     for order in ("forward", "reverse", "shuffle"):
         monkeypatch.setenv("MOE_KERNELS_SIMT_ORDER", order)
@@ -152,6 +153,7 @@ def test_race_detector_flags_deliberate_races(monkeypatch, order, mode, what):
 
 def test_shuffle_ordered_race_is_invisible_without_the_detector(monkeypatch):
     """Mode 6 computes the 'right' answer in every resume order: only the detector sees it."""
+    monkeypatch.delenv("MOE_KERNELS_SIMT_RACECHECK", raising=False)
     for order in ORDERS:
         monkeypatch.setenv("MOE_KERNELS_SIMT_ORDER", order)
         out = torch.zeros(64)

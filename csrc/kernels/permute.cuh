@@ -357,9 +357,9 @@ __global__ void __launch_bounds__(kSelectThreads)
         choice[1] = need - above;
       }
       __syncthreads();
+      // choice is rewritten in the next pass only after two more barriers.
       prefix |= static_cast<uint32_t>(choice[0]) << shift;
       need = choice[1];
-      __syncthreads();  // choice is rewritten in the next pass
     }
     threshold = prefix;
     keep_equal = need;

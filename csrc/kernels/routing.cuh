@@ -88,8 +88,18 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   for (int j = lane; j < p.k; j += 32) {
     const int e = chosen_id(j);
     if (e < 0) continue;
+    // An expert listed in several slots (never by topk_gating, possible in ids a caller
+    // passes) gets the sum of their gradients, stored once, by its first slot: two lanes
+    // never store to one element.
+    float ds = 0.f;
+    bool first = true;
+    for (int i = 0; i < p.k && first; ++i) {
+      if (ids[i] != e) continue;
+      if (i < j) first = false;
+      else ds += a * grad_w[i] + b;
+    }
+    if (!first) continue;
     const float s = score(to_float(row[e]));
-    const float ds = a * grad_w[j] + b;
     const float g = softmax ? s * (ds - dot) : ds * s * (1.f - s);
     grad_row[e] = from_float<T>(g);
   }

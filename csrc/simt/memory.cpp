@@ -177,6 +177,15 @@ bool ordered_before(const Accessor& now, uint32_t epoch, int thread, uint32_t cl
   return (*now.clock)[thread % kWarp] >= clock;
 }
 
+// Whether the reads summarized in `c` (one warp, the accessor's, same epoch) by lanes
+// other than `lane` are all ordered before the accessor's current point.
+bool reads_ordered_before(const Cell& c, const Accessor& now, int lane) {
+  for (int l = 0; l < kWarp; ++l) {
+    if (l != lane && ((c.r_lanes >> l) & 1u) && (*now.clock)[l] < c.r_clock) return false;
+  }
+  return true;
+}
+
 void check_and_record(Space space, uintptr_t address, size_t bytes, Access kind, const Accessor& now) {
   Shadow& shadow = space == Space::shared ? g_shared_shadow : g_global_shadow;
   const bool writes = kind != Access::read;
@@ -207,9 +216,7 @@ void check_and_record(Space space, uintptr_t address, size_t bytes, Access kind,
           if (c.r_warp != warp) {
             race = true;  // another warp, or several
           } else {
-            for (int l = 0; l < kWarp; ++l) {
-              if (l != lane && ((c.r_lanes >> l) & 1u) && (*now.clock)[l] < c.r_clock) race = true;
-            }
+            race = !reads_ordered_before(c, now, lane);
           }
         }
         if (race) {
@@ -240,6 +247,13 @@ void check_and_record(Space space, uintptr_t address, size_t bytes, Access kind,
         c.r_thread = static_cast<uint16_t>(now.thread);
         c.r_pc = now.pc;
         c.r_atomic_only = false;
+      } else if (c.r_warp == warp && reads_ordered_before(c, now, lane)) {
+        // Every earlier read is ordered before this one, hence before whatever is ordered
+        // after this one: this read alone stands for them all.
+        c.r_lanes = 1u << lane;
+        c.r_clock = my_clock;
+        c.r_thread = static_cast<uint16_t>(now.thread);
+        c.r_pc = now.pc;
       } else {
         if (c.r_warp != warp) c.r_warp = kManyWarps;
         c.r_lanes |= 1u << lane;
@@ -475,14 +489,14 @@ void memory_async_issue(void* dst, size_t bytes) {
   for (size_t i = 0; i < bytes; ++i) g_shared_shadow.cell(a + i)->in_flight = true;
 }
 
-void memory_async_land(void* dst, const void* src, size_t bytes) {
+void memory_async_land(void* dst, const void* src, size_t src_bytes, size_t cp_bytes) {
   LaunchView& v = g_view;
   if (v.racecheck) {
     const uintptr_t a = reinterpret_cast<uintptr_t>(dst);
-    for (size_t i = 0; i < bytes; ++i) g_shared_shadow.cell(a + i)->in_flight = false;
+    for (size_t i = 0; i < cp_bytes; ++i) g_shared_shadow.cell(a + i)->in_flight = false;
   }
-  on_access(src, bytes, Access::read, nullptr);
-  on_access(dst, bytes, Access::write, nullptr);
+  if (src_bytes > 0) on_access(src, src_bytes, Access::read, nullptr);
+  on_access(dst, cp_bytes, Access::write, nullptr);  // the zero-filled tail is written too
 }
 
 }  // namespace detail
@@ -493,6 +507,20 @@ void observe(const void* address, size_t bytes, Access kind, int lane) {
 
 void observe_at(const void* address, size_t bytes, Access kind, const void* code_address) {
   detail::on_access(address, bytes, kind, code_address);
+}
+
+uint4 load16(const void* address) {
+  check_alignment(address, 16, "16-byte load");
+  detail::on_access(address, 16, Access::read, __builtin_return_address(0));
+  uint4 bits;
+  std::memcpy(&bits, address, 16);
+  return bits;
+}
+
+void store16(void* address, uint4 bits) {
+  check_alignment(address, 16, "16-byte store");
+  detail::on_access(address, 16, Access::write, __builtin_return_address(0));
+  std::memcpy(address, &bits, 16);
 }
 
 void check_alignment(const void* address, size_t alignment, const char* what) {

@@ -509,7 +509,7 @@ void land_copies(Fiber& f, int group_end) {
       still.push_back(c);
       continue;
     }
-    detail::memory_async_land(c.dst, c.src, c.src_size);
+    detail::memory_async_land(c.dst, c.src, c.src_size, c.cp_size);
     std::memcpy(c.dst, c.src, c.src_size);
     std::memset(static_cast<unsigned char*>(c.dst) + c.src_size, 0, c.cp_size - c.src_size);
   }

@@ -107,6 +107,11 @@ enum class Access : uint8_t { read, write, atomic };
 void observe(const void* address, size_t bytes, Access kind, int lane = -1);
 // The same, with the code address to name in reports (atomics pass their caller's).
 void observe_at(const void* address, size_t bytes, Access kind, const void* code_address);
+// One 16-byte access, as the GPU's LDG.128/STG.128/LDS.128/STS.128: alignment checked and
+// observed as one access of one instruction (the host compiler may split a uint4 copy into
+// smaller ones, which the traffic counters would take for separate instructions).
+uint4 load16(const void* address);
+void store16(void* address, uint4 bits);
 // Fails, naming the kernel and `what`, unless `address` is a multiple of `alignment`.
 void check_alignment(const void* address, size_t alignment, const char* what);
 // Whether `address` lies in the running block's shared memory (static or dynamic).
@@ -139,8 +144,10 @@ T from_bits(uint64_t bits) {
 // Source lane of a shuffle, following the CUDA programming guide: lanes are split into
 // sections of `width`; a source outside the caller's section (above it, for up/down/xor)
 // returns the caller's own value.
+// Emulator internals inlined into kernel code carry no_sanitize_thread: the memory
+// observer must not count the emulator's own buffers as the kernel's accesses.
 template <typename T>
-T shuffle_from(unsigned mask, T var, int src_lane, int width) {
+__attribute__((no_sanitize_thread)) T shuffle_from(unsigned mask, T var, int src_lane, int width) {
   const uint64_t* values = warp_exchange(WarpOp::shfl, mask, to_bits(var));
   if (src_lane < 0) return var;
   if (src_lane >= 32 || !((mask >> src_lane) & 1u)) {
@@ -195,7 +202,7 @@ T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = 32) {
 }
 
 namespace simt {
-inline unsigned vote(WarpOp op, unsigned mask, int predicate) {
+__attribute__((no_sanitize_thread)) inline unsigned vote(WarpOp op, unsigned mask, int predicate) {
   const uint64_t* values = warp_exchange(op, mask, predicate ? 1 : 0);
   unsigned ballot = 0;
   for (int lane = 0; lane < 32; ++lane) {

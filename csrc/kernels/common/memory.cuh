@@ -28,23 +28,25 @@ struct Vec16 {
 };
 
 // Loads 16 bytes (Vec16<T>::size elements) from a 16-byte aligned address, as raw bits.
-// The emulator checks the alignment here too: the compiler may split the access into
-// smaller ones, which its per-access check would then pass.
+// The emulator makes it one checked 16-byte access, as on the GPU (the host compiler may
+// split a plain uint4 copy into smaller ones).
 template <typename T>
 __device__ __forceinline__ uint4 load_vec16(const T* src) {
 #if defined(MOE_KERNELS_SIMT)
-  simt::check_alignment(src, 16, "16-byte load");
-#endif
+  return simt::load16(src);
+#else
   return *reinterpret_cast<const uint4*>(src);
+#endif
 }
 
 // Stores 16 bytes to a 16-byte aligned address.
 template <typename T>
 __device__ __forceinline__ void store_vec16(T* dst, uint4 bits) {
 #if defined(MOE_KERNELS_SIMT)
-  simt::check_alignment(dst, 16, "16-byte store");
-#endif
+  simt::store16(dst, bits);
+#else
   *reinterpret_cast<uint4*>(dst) = bits;
+#endif
 }
 
 // Loads 16 bytes (Vec16<T>::size elements) from a 16-byte aligned address as fp32.

@@ -1,0 +1,90 @@
+"""Barrier mutation test: deleting any one __syncthreads or __syncwarp from our kernels must
+make the race detector fail a small workload that runs every kernel, in every resume order.
+
+A barrier whose deletion nobody notices is either unneeded (delete it) or guards a case no
+test runs (add one). MOE_KERNELS_SIMT_SKIP_BARRIER=file:line makes the emulator treat one
+barrier call site as a no-op, so no rebuild is needed per mutant.
+"""
+
+import pathlib
+import re
+
+import pytest
+import torch
+
+import moe_kernels
+from conftest import native
+
+KERNELS = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "kernels"
+# The kernels the package ships (testing.cuh holds the emulator's own probes).
+SOURCES = ["gating.cuh", "routing.cuh", "permute.cuh", "common/reduce.cuh"]
+BARRIER = re.compile(r"^\s*[^/]*\b(__syncthreads|__syncwarp)\s*\(")
+
+
+def barrier_sites():
+    sites = []
+    for name in SOURCES:
+        for number, line in enumerate((KERNELS / name).read_text().splitlines(), start=1):
+            if BARRIER.match(line):
+                sites.append(f"kernels/{name}:{number}")
+    return sites
+
+
+def workload():
+    """Every shipped kernel on small shapes, through the public API on the emulator."""
+    g = torch.Generator().manual_seed(0)
+    with moe_kernels.use_backend("simt"):
+        # Gating: plain softmax, and group-limited sigmoid with a bias (shared memory).
+        logits = torch.randn(6, 40, generator=g, requires_grad=True)
+        w, ids = moe_kernels.topk_gating(logits, 6, renormalize=False)
+        (w * torch.randn(w.shape, generator=g)).sum().backward()  # backward kernel
+        moe_kernels.topk_gating(torch.randn(5, 32, generator=g), 4, scoring="sigmoid",
+                                bias=torch.randn(32, generator=g), num_groups=4, topk_groups=2,
+                                renormalize=True)
+        moe_kernels.router_stats(ids, 40)
+        moe_kernels.expert_choice_gating(torch.randn(40, 4, generator=g), 3)
+        # Permutation: one tile, several tiles, and a capacity with drop by weight.
+        x = torch.randn(6, 24, generator=g)
+        r = moe_kernels.permute(x, ids, 40, weights=w.detach())
+        y_perm = r.x.detach().clone().requires_grad_(True)
+        weights = w.detach().clone().requires_grad_(True)
+        moe_kernels.unpermute(y_perm, r.row_map, weights).sum().backward()
+        big_ids = torch.randint(0, 7, (700, 2), generator=g, dtype=torch.int32)
+        big_w = torch.rand(700, 2, generator=g)
+        big_x = torch.randn(700, 8, generator=g)
+        moe_kernels.permute(big_x, big_ids, 7)
+        moe_kernels.permute(big_x, big_ids, 7, capacity=90, drop_policy="weight", weights=big_w)
+
+
+def test_workload_is_race_free(monkeypatch):
+    monkeypatch.setenv("MOE_KERNELS_SIMT_RACECHECK", "1")
+    monkeypatch.delenv("MOE_KERNELS_SIMT_SKIP_BARRIER", raising=False)
+    workload()
+
+
+def test_every_barrier_site_is_found():
+    sites = barrier_sites()
+    assert len(sites) >= 20
+    assert any(s.startswith("kernels/common/reduce.cuh") for s in sites)
+
+
+@pytest.mark.parametrize("order", ["forward", "reverse", "shuffle"])
+def test_deleting_any_barrier_is_caught(monkeypatch, order):
+    from moe_kernels import _build_info
+
+    if not getattr(_build_info, "simt_observer", False):
+        pytest.skip("the AddressSanitizer build of _simt has no memory observer")
+    monkeypatch.setenv("MOE_KERNELS_SIMT_RACECHECK", "1")
+    monkeypatch.setenv("MOE_KERNELS_SIMT_ORDER", order)
+    missed = []
+    for site in barrier_sites():
+        monkeypatch.setenv("MOE_KERNELS_SIMT_SKIP_BARRIER", site)
+        try:
+            workload()
+        except RuntimeError as error:
+            # The race detector, or the emulator seeing the mutant go wrong otherwise (a
+            # divergent barrier): either way the suite fails. Most are races.
+            assert "race detector" in str(error) or "__syncthreads" in str(error), str(error)
+            continue
+        missed.append(site)
+    assert not missed, f"deleting these barriers goes unnoticed: {missed}"
