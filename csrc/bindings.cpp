@@ -82,4 +82,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   t.def("broken", &moe::testing::broken, py::arg("mode"), py::arg("out"));
   t.def("shared_memory", &moe::testing::shared_memory, py::arg("dynamic_bytes"), py::arg("opt_in") = true,
         py::arg("grid") = std::vector<int64_t>{1, 1, 1}, py::arg("block") = std::vector<int64_t>{64, 1, 1});
+  t.def("mma_probe", &moe::testing::mma_probe, py::arg("a_frag"), py::arg("b_frag"),
+        py::arg("c_frag"), py::arg("bf16"));
+  t.def("ldmatrix_probe", &moe::testing::ldmatrix_probe, py::arg("x"), py::arg("lane_rows"),
+        py::arg("col"), py::arg("num"), py::arg("trans"));
+  t.def("cp_async_probe", &moe::testing::cp_async_probe, py::arg("src"), py::arg("src_sizes"),
+        py::arg("pending"), py::arg("early_reads") = false);
+  t.def("ptx_broken", &moe::testing::ptx_broken, py::arg("mode"), py::arg("out"));
 }

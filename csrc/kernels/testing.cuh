@@ -185,3 +185,6 @@ void launch_shared_memory(float* out, int64_t dynamic_bytes, bool opt_in,
 
 }  // namespace testing
 }  // namespace moe
+
+// The PTX primitive probes (mma, ldmatrix, cp.async).
+#include "testing_ptx.cuh"

@@ -49,4 +49,15 @@ at::Tensor shared_memory(int64_t dynamic_bytes, bool opt_in, std::vector<int64_t
                          std::vector<int64_t> block);
 }  // namespace testing
 
+// PTX primitive probes (testing_ptx.cuh).
+namespace testing {
+at::Tensor mma_probe(const at::Tensor& a_frag, const at::Tensor& b_frag, const at::Tensor& c_frag,
+                     bool bf16);
+at::Tensor ldmatrix_probe(const at::Tensor& x, const at::Tensor& lane_rows, int64_t col,
+                          int64_t num, bool trans);
+at::Tensor cp_async_probe(const at::Tensor& src, const at::Tensor& src_sizes, int64_t pending,
+                          bool early_reads);
+void ptx_broken(int64_t mode, const at::Tensor& out);
+}  // namespace testing
+
 }  // namespace moe

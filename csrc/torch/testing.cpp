@@ -83,5 +83,90 @@ void broken(int64_t mode, const at::Tensor& out) {
   launch_broken(static_cast<int>(mode), out.data_ptr<float>(), current_stream(out));
 }
 
+
+// ---- PTX primitive probes (testing_ptx.cuh) ------------------------------------------------
+
+// Fragments are per lane, [warps, 32, regs]; b16 pairs travel as raw int32 bits.
+at::Tensor mma_probe(const at::Tensor& a_frag, const at::Tensor& b_frag, const at::Tensor& c_frag,
+                     bool bf16) {
+  check_input(a_frag, "a_frag", at::kInt, 3);
+  const int64_t warps = a_frag.size(0);
+  MOE_CHECK_VALUE(warps >= 1 && warps <= 32 && a_frag.size(1) == 32 && a_frag.size(2) == 4,
+                  "a_frag", "expected [warps, 32, 4] with 1 <= warps <= 32, got ", a_frag.sizes());
+  check_input(b_frag, "b_frag", at::kInt, 3, a_frag);
+  MOE_CHECK_VALUE(b_frag.sizes() == at::IntArrayRef({warps, 32, 2}), "b_frag",
+                  "expected [", warps, ", 32, 2], got ", b_frag.sizes());
+  check_input(c_frag, "c_frag", at::kFloat, 3, a_frag);
+  MOE_CHECK_VALUE(c_frag.sizes() == a_frag.sizes(), "c_frag", "expected ", a_frag.sizes(),
+                  ", got ", c_frag.sizes());
+  const c10::DeviceGuard guard(a_frag.device());
+  at::Tensor d_frag = at::empty_like(c_frag);
+  launch_mma_probe(reinterpret_cast<const uint32_t*>(a_frag.data_ptr<int32_t>()),
+                   reinterpret_cast<const uint32_t*>(b_frag.data_ptr<int32_t>()),
+                   c_frag.data_ptr<float>(), d_frag.data_ptr<float>(), static_cast<int>(warps),
+                   bf16, current_stream(a_frag));
+  return d_frag;
+}
+
+at::Tensor ldmatrix_probe(const at::Tensor& x, const at::Tensor& lane_rows, int64_t col,
+                          int64_t num, bool trans) {
+  check_input(x, "x", at::kShort, 2);
+  const int64_t rows = x.size(0), width = x.size(1);
+  MOE_CHECK_VALUE(rows >= 1 && width >= 8 && width % 8 == 0 && rows * width * 2 <= 48 * 1024, "x",
+                  "expected [rows, width], width a multiple of 8 (16-byte rows), at most 48 KiB, "
+                  "got ", x.sizes());
+  check_input(lane_rows, "lane_rows", at::kInt, 2, x);
+  MOE_CHECK_VALUE(lane_rows.size(0) >= 1 && lane_rows.size(0) <= 32 && lane_rows.size(1) == 32,
+                  "lane_rows", "expected [warps, 32] with 1 <= warps <= 32, got ", lane_rows.sizes());
+  MOE_CHECK_VALUE(lane_rows.min().item<int32_t>() >= 0 && lane_rows.max().item<int32_t>() < rows,
+                  "lane_rows", "values must lie in [0, ", rows, ")");
+  MOE_CHECK_VALUE(col >= 0 && col % 8 == 0 && col + 8 <= width, "col",
+                  "expected a multiple of 8 with col + 8 <= ", width, ", got ", col);
+  MOE_CHECK_VALUE(num == 1 || num == 2 || num == 4, "num", "expected 1, 2 or 4, got ", num);
+  const c10::DeviceGuard guard(x.device());
+  const int64_t warps = lane_rows.size(0);
+  at::Tensor out = at::empty({warps, 32, num}, lane_rows.options());
+  launch_ldmatrix_probe(reinterpret_cast<const uint16_t*>(x.data_ptr<int16_t>()),
+                        static_cast<int>(rows), static_cast<int>(width),
+                        lane_rows.data_ptr<int32_t>(), static_cast<int>(warps),
+                        static_cast<int>(col), static_cast<int>(num), trans, out.data_ptr<int32_t>(),
+                        current_stream(x));
+  return out;
+}
+
+at::Tensor cp_async_probe(const at::Tensor& src, const at::Tensor& src_sizes, int64_t pending,
+                          bool early_reads) {
+  MOE_CHECK_VALUE(!(early_reads && kTargetIsCuda), "early_reads",
+                  "reading cp.async destinations in flight is a race; only the emulator defines it");
+  check_input(src, "src", at::kByte, 3);
+  const int64_t groups = src.size(0), threads = src.size(1);
+  MOE_CHECK_VALUE(groups >= 1 && groups <= 8 && threads >= 1 && threads <= 1024 &&
+                      src.size(2) == 16 && groups * threads * 16 <= 48 * 1024,
+                  "src", "expected [groups <= 8, threads <= 1024, 16] within 48 KiB, got ",
+                  src.sizes());
+  check_input(src_sizes, "src_sizes", at::kInt, 2, src);
+  MOE_CHECK_VALUE(src_sizes.sizes() == at::IntArrayRef({groups, threads}), "src_sizes",
+                  "expected [", groups, ", ", threads, "], got ", src_sizes.sizes());
+  MOE_CHECK_VALUE(src_sizes.min().item<int32_t>() >= 0 && src_sizes.max().item<int32_t>() <= 16,
+                  "src_sizes", "values must lie in [0, 16]");
+  MOE_CHECK_VALUE(pending == 0 || pending == 1, "pending", "expected 0 or 1, got ", pending);
+  const c10::DeviceGuard guard(src.device());
+  at::Tensor seen = at::zeros({3, groups, threads, 16}, src.options());
+  launch_cp_async_probe(src.data_ptr<uint8_t>(), src_sizes.data_ptr<int32_t>(),
+                        static_cast<int>(groups), static_cast<int>(threads),
+                        static_cast<int>(pending), early_reads, seen.data_ptr<uint8_t>(),
+                        current_stream(src));
+  return seen;
+}
+
+void ptx_broken(int64_t mode, const at::Tensor& out) {
+  MOE_CHECK_VALUE(!kTargetIsCuda, "mode",
+                  "the broken PTX kernels run only in the emulator (on a GPU they are undefined)");
+  check_input(out, "out", at::kFloat, 1);
+  MOE_CHECK_VALUE(out.numel() >= 64, "out", "expected at least 64 elements");
+  MOE_CHECK_VALUE(mode >= 0 && mode <= 7, "mode", "expected 0..7, got ", mode);
+  launch_ptx_broken(static_cast<int>(mode), out.data_ptr<float>(), current_stream(out));
+}
+
 }  // namespace testing
 }  // namespace moe
