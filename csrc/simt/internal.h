@@ -36,8 +36,11 @@ void memory_launch_end(bool completed);
 void memory_block_barrier();                        // a __syncthreads completed
 void memory_warp_barrier(int warp_base, unsigned mask);  // a __syncwarp(mask) completed
 // cp.async bookkeeping: the destination is in flight from issue to its wait.
-void memory_async_issue(void* dst, size_t bytes);
-void memory_async_land(void* dst, const void* src, size_t src_bytes, size_t cp_bytes);
+void memory_async_issue(void* dst, size_t bytes, const void* code_address);
+void memory_async_land(void* dst, const void* src, size_t src_bytes, size_t cp_bytes,
+                       const void* code_address);
+// Where `lane` of the running thread's warp issued the warp matrix instruction in flight.
+const void* matrix_code_address(int lane);
 
 // Symbols of the module holding the kernels (its ELF symbol table).
 struct SharedObject {  // a static __shared__ variable: a thread_local in the emulator

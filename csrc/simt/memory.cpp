@@ -478,31 +478,34 @@ void memory_warp_barrier(int warp_base, unsigned mask) {
   }
 }
 
-void memory_async_issue(void* dst, size_t bytes) {
+void memory_async_issue(void* dst, size_t bytes, const void* code_address) {
   LaunchView& v = g_view;
   if (!v.racecheck) return;
   const uintptr_t a = reinterpret_cast<uintptr_t>(dst);
   const int thread = current_thread();
-  const Accessor now{thread, static_cast<uint32_t>(v.block), v.epoch, 0, &v.clocks[thread]};
+  const Accessor now{thread, static_cast<uint32_t>(v.block), v.epoch, code_offset(code_address),
+                     &v.clocks[thread]};
   // The issue itself must not race with earlier accesses to the destination.
   check_and_record(Space::shared, a, bytes, Access::write, now);
   for (size_t i = 0; i < bytes; ++i) g_shared_shadow.cell(a + i)->in_flight = true;
 }
 
-void memory_async_land(void* dst, const void* src, size_t src_bytes, size_t cp_bytes) {
+void memory_async_land(void* dst, const void* src, size_t src_bytes, size_t cp_bytes,
+                       const void* code_address) {
   LaunchView& v = g_view;
   if (v.racecheck) {
     const uintptr_t a = reinterpret_cast<uintptr_t>(dst);
     for (size_t i = 0; i < cp_bytes; ++i) g_shared_shadow.cell(a + i)->in_flight = false;
   }
-  if (src_bytes > 0) on_access(src, src_bytes, Access::read, nullptr);
-  on_access(dst, cp_bytes, Access::write, nullptr);  // the zero-filled tail is written too
+  if (src_bytes > 0) on_access(src, src_bytes, Access::read, code_address);
+  on_access(dst, cp_bytes, Access::write, code_address);  // the zero-filled tail is written too
 }
 
 }  // namespace detail
 
 void observe(const void* address, size_t bytes, Access kind, int lane) {
-  detail::on_access(address, bytes, kind, nullptr, lane);
+  // A lane's access inside a warp matrix instruction is named by where it was issued.
+  detail::on_access(address, bytes, kind, lane >= 0 ? detail::matrix_code_address(lane) : nullptr, lane);
 }
 
 void observe_at(const void* address, size_t bytes, Access kind, const void* code_address) {

@@ -125,6 +125,7 @@ struct AsyncCopy {
   void* dst;
   const void* src;
   int cp_size, src_size, group;
+  const void* code_address;  // the cp.async in the kernel
 };
 enum class Order { forward, reverse, shuffle };  // see schedule_order()
 
@@ -147,6 +148,7 @@ struct Fiber {
   WarpCompute compute = nullptr;
   const void* matrix_in = nullptr;
   void* matrix_out = nullptr;
+  const void* matrix_code_address = nullptr;  // where the kernel issued it (reports, traffic)
   // cp.async copies issued and not yet waited for; `group` is the commit group (copies
   // issued after the last commit belong to group `next_group`).
   std::vector<AsyncCopy> copies;
@@ -470,6 +472,7 @@ void warp_matrix_op(const char* instruction, const void* in, void* out, WarpComp
   f.compute = compute;
   f.matrix_in = in;
   f.matrix_out = out;
+  f.matrix_code_address = __builtin_return_address(0);
   warp_rendezvous(WarpOp::matrix, 0xffffffffu, [&](Launch& l, int base) {
     const void* ins[32];
     void* outs[32];
@@ -494,8 +497,8 @@ void async_copy(void* dst, const void* src, int cp_size, int src_size) {
   if (!is_shared_memory(dst)) fail("cp.async: the destination is not shared memory");
   if (is_shared_memory(src)) fail("cp.async: the source is shared memory, not global");
   Fiber& f = self();
-  f.copies.push_back(AsyncCopy{dst, src, cp_size, src_size, f.next_group});
-  detail::memory_async_issue(dst, cp_size);
+  f.copies.push_back(AsyncCopy{dst, src, cp_size, src_size, f.next_group, __builtin_return_address(0)});
+  detail::memory_async_issue(dst, cp_size, f.copies.back().code_address);
 }
 
 void async_commit() { ++self().next_group; }
@@ -509,7 +512,7 @@ void land_copies(Fiber& f, int group_end) {
       still.push_back(c);
       continue;
     }
-    detail::memory_async_land(c.dst, c.src, c.src_size, c.cp_size);
+    detail::memory_async_land(c.dst, c.src, c.src_size, c.cp_size, c.code_address);
     std::memcpy(c.dst, c.src, c.src_size);
     std::memset(static_cast<unsigned char*>(c.dst) + c.src_size, 0, c.cp_size - c.src_size);
   }
@@ -529,6 +532,12 @@ void async_wait_all() {
 }
 
 namespace detail {
+
+const void* matrix_code_address(int lane) {
+  Launch& l = launch_state();
+  const int base = l.current->linear_id - l.current->linear_id % 32;
+  return l.fibers[base + lane].matrix_code_address;
+}
 
 int current_thread() {
   return g_launch != nullptr && g_launch->current != nullptr ? g_launch->current->linear_id : -1;

@@ -102,7 +102,8 @@ void warp_matrix_op(const char* instruction, const void* in, void* out, WarpComp
 // load and store it makes reaches the emulator (race detector, traffic counters,
 // alignment). Code inside the emulator (ldmatrix rows, cp.async copies) is not
 // instrumented and reports its accesses here. `lane` >= 0 attributes the access to that
-// lane of the calling thread's warp (a warp-wide instruction reads for all its lanes).
+// lane of the calling thread's warp, inside the warp matrix instruction it issued (a
+// warp-wide instruction reads for all its lanes; reports name where it was issued).
 enum class Access : uint8_t { read, write, atomic };
 void observe(const void* address, size_t bytes, Access kind, int lane = -1);
 // The same, with the code address to name in reports (atomics pass their caller's).
