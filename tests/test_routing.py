@@ -29,7 +29,9 @@ def weight_tol(scaling_factor=1.0):
 
 # Selection on computed values (score + bias, group scores) can flip between
 # implementations only where two values are closer than their rounding error: a few
-# float32 ulp of values below ~4 (<= 2e-6). Tokens whose deciding gap is below this margin
+# float32 ulp of values below ~4 (<= 2e-6; the GPU's expf alone is up to 2 ulp from the
+# host's, and the products and sums after it round alike on both targets, as nvcc builds
+# with -fmad=false). Tokens whose deciding gap is below this margin
 # are not compared on ids (ties, gap 0, are exact in all implementations: equal inputs give
 # equal values, and the lower index wins everywhere).
 SELECTION_MARGIN = 1e-5

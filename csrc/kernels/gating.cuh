@@ -108,6 +108,11 @@ __global__ void __launch_bounds__(block_threads<TPT>())
     for (int s = 0; s < VPT; ++s) nan_seen = x(s) != x(s) ? 1.f : nan_seen;
     poisoned = group_allreduce<TPT>(nan_seen, MaxOp{}, sum_scratch) > 0.f;
   }
+  // expf differs between targets: the GPU's is within 2 ulp of exp (CUDA programming guide,
+  // single-precision functions), the emulator's is the host library's (correctly rounded in
+  // glibc). Everything else rounds the same on both (no FMA contraction; see setup.py), so
+  // the two can pick different experts only where scores are a few ulp apart; equal inputs
+  // still tie, and ties go to the lower index everywhere.
   auto score = [&](float v) { return softmax ? expf(v - row_max) * inv_sum : sigmoidf(v); };
 
   // Selection values (see the header comment).
