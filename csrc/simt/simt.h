@@ -118,7 +118,7 @@ void check_alignment(const void* address, size_t alignment, const char* what);
 // Whether `address` lies in the running block's shared memory (static or dynamic).
 bool is_shared_memory(const void* address);
 
-// cp.async (PTX ISA 9.7.9.25): copies `cp_size` bytes from global `src` to shared `dst`,
+// cp.async (PTX ISA, asynchronous copy): copies `cp_size` bytes from global `src` to shared `dst`,
 // of which the first `src_size` come from `src` and the rest are zero-filled. The copy
 // lands in shared memory only at the async_wait that covers its group, as on the GPU;
 // until then the destination holds what it held before (and the race detector reports any

@@ -3,9 +3,10 @@
 // cp.async.wait_group N and cp.async.wait_all. One wrapper per PTX instruction; all need
 // sm_80 or newer (every architecture we build for).
 //
-// PTX ISA 9.7.9.25 "Data Movement and Conversion Instructions: Asynchronous copy",
-// non-bulk copies: 9.7.9.25.3.1 cp.async, 9.7.9.25.3.2 cp.async.commit_group,
-// 9.7.9.25.3.3 cp.async.wait_group / cp.async.wait_all.
+// PTX ISA, "Data Movement and Conversion Instructions: Asynchronous copy" (anchor
+// data-movement-and-conversion-instructions-asynchronous-copy; its section number moves
+// between ISA versions), non-bulk copies: cp.async, cp.async.commit_group,
+// cp.async.wait_group / cp.async.wait_all.
 //
 // Semantics the wrappers rely on:
 //  - a copy is per thread and asynchronous: the destination may be written at any time

@@ -1,8 +1,8 @@
 // Tensor-core matrix multiply-accumulate: mma.sync.aligned.m16n8k16.row.col with fp32
 // accumulators, bf16 x bf16 or f16 x f16 inputs. One wrapper per PTX instruction.
 //
-// PTX ISA 9.7.14.5.14 "Multiply-and-Accumulate Instruction: mma" (the instruction) and
-// 9.7.14.5.8 "Matrix Fragments for mma.m16n8k16 with floating point type" (the layouts).
+// PTX ISA "Warp-level Matrix Instructions: mma" (the instruction) and 9.7.14.5.8 "Matrix
+// Fragments for mma.m16n8k16 with floating point type" (the layouts; PTX ISA 9.x numbering).
 // A warp computes D (16x8) = A (16x16, row-major) * B (16x8, column-major) + C. Each lane
 // holds a fragment; with groupID = lane >> 2 and threadID_in_group = lane % 4 (g and t):
 //
