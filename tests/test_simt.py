@@ -217,10 +217,15 @@ def test_launch_without_opt_in_counts_static_shared_memory():
     """47 KiB dynamic + 1 KiB static is exactly 48 KiB; 4 bytes more need the opt-in. An
     opt-in lasts for the process (as cudaFuncSetAttribute does), so this runs in a fresh
     one."""
+    import pathlib
     import subprocess
     import sys
 
-    code = """
+    import moe_kernels
+
+    # The child imports the same moe_kernels as this process (installed or built in place).
+    package_root = str(pathlib.Path(moe_kernels.__file__).resolve().parent.parent)
+    code = f"import sys; sys.path.insert(0, {package_root!r})\n" + """
 import torch, moe_kernels
 t = moe_kernels._backend.native_module("simt").testing
 assert t.shared_memory(47 * 1024, opt_in=False).item() == 255 + 47 * 256 - 1
