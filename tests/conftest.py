@@ -35,3 +35,12 @@ def native(backend):
 def run(backend, fn, *args, **kwargs):
     with moe_kernels.use_backend(backend):
         return fn(*args, **kwargs)
+
+
+def needs_observer():
+    """Skips a test of the emulator's memory observer (race detector, alignment, traffic)
+    in the AddressSanitizer build, which cannot carry it."""
+    from moe_kernels import _build_info
+
+    if not getattr(_build_info, "simt_observer", False):
+        pytest.skip("the AddressSanitizer build of _simt has no memory observer")

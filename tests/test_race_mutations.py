@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import moe_kernels
-from conftest import native
+from conftest import needs_observer
 
 KERNELS = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "kernels"
 # The kernels the package ships (testing.cuh holds the emulator's own probes).
@@ -70,10 +70,7 @@ def test_every_barrier_site_is_found():
 
 @pytest.mark.parametrize("order", ["forward", "reverse", "shuffle"])
 def test_deleting_any_barrier_is_caught(monkeypatch, order):
-    from moe_kernels import _build_info
-
-    if not getattr(_build_info, "simt_observer", False):
-        pytest.skip("the AddressSanitizer build of _simt has no memory observer")
+    needs_observer()
     monkeypatch.setenv("MOE_KERNELS_SIMT_RACECHECK", "1")
     monkeypatch.setenv("MOE_KERNELS_SIMT_ORDER", order)
     missed = []

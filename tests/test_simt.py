@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from conftest import device_of, native
+from conftest import device_of, native, needs_observer
 
 
 @pytest.mark.parametrize("n,block", [(1, 32), (1000, 128), (4096, 1024), (37, 64)])
@@ -123,13 +123,6 @@ def test_asan_catches_out_of_bounds_write():
 
 ORDERS = ("forward", "reverse", "shuffle")
 TESTING_SITE = r"testing\.cuh:\d+"
-
-
-def needs_observer():
-    from moe_kernels import _build_info
-
-    if not getattr(_build_info, "simt_observer", False):
-        pytest.skip("the AddressSanitizer build of _simt has no memory observer")
 
 
 @pytest.mark.parametrize("order", ORDERS)

@@ -11,7 +11,7 @@ independently of the C++ sources:
 import pytest
 import torch
 
-from conftest import device_of, native
+from conftest import device_of, native, needs_observer
 
 # ---- fragment layouts of mma.m16n8k16 (.f16 / .bf16 inputs, .f32 accumulators) --------------
 # groupID = %laneid >> 2, threadID_in_group = %laneid % 4; each .b32 register of A and B
@@ -355,13 +355,6 @@ def test_ptx_broken_refused_on_gpu():
 
 # ---- the race detector and the traffic counters see what the primitives access ------------
 ORDERS = ("forward", "reverse", "shuffle")
-
-
-def needs_observer():
-    from moe_kernels import _build_info
-
-    if not getattr(_build_info, "simt_observer", False):
-        pytest.skip("the AddressSanitizer build of _simt has no memory observer")
 
 
 @pytest.mark.parametrize("order", ORDERS)
