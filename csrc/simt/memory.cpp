@@ -113,7 +113,6 @@ struct Cell {
   uint16_t r_thread = 0;
   int16_t r_warp = kNoReads;
   bool r_other_blocks = false;
-  bool r_atomic_only = false;
 };
 
 constexpr int kPageBits = 12;
@@ -210,7 +209,7 @@ void check_and_record(Space space, uintptr_t address, size_t bytes, Access kind,
     }
     if (writes) {
       // Against the reads since that write.
-      if (c.r_warp != kNoReads && !(c.r_atomic_only && kind == Access::atomic)) {
+      if (c.r_warp != kNoReads) {
         bool race = c.r_other_blocks || c.r_block != now.block;
         if (!race && c.r_epoch == now.epoch) {
           if (c.r_warp != warp) {
@@ -223,8 +222,7 @@ void check_and_record(Space space, uintptr_t address, size_t bytes, Access kind,
           report_race(c.r_block != now.block || c.r_other_blocks
                           ? "accesses from two blocks of one launch"
                           : "conflicting accesses with no barrier between them",
-                      space, address + i, now, now_kind, c.r_block, c.r_thread, c.r_pc,
-                      c.r_atomic_only ? "atomic" : "read");
+                      space, address + i, now, now_kind, c.r_block, c.r_thread, c.r_pc, "read");
         }
       }
       c.w_block = now.block;
@@ -246,7 +244,6 @@ void check_and_record(Space space, uintptr_t address, size_t bytes, Access kind,
         c.r_clock = my_clock;
         c.r_thread = static_cast<uint16_t>(now.thread);
         c.r_pc = now.pc;
-        c.r_atomic_only = false;
       } else if (c.r_warp == warp && reads_ordered_before(c, now, lane)) {
         // Every earlier read is ordered before this one, hence before whatever is ordered
         // after this one: this read alone stands for them all.
