@@ -49,7 +49,6 @@ struct LaunchView {
   bool active = false;
   bool racecheck = false;
   bool traffic = false;
-  const char* kernel_name = "";
   uint64_t block = 0;
   uintptr_t dyn_begin = 0, dyn_end = 0;  // dynamic shared memory of the block
   uintptr_t tls_begin = 0, tls_end = 0;  // static shared memory (the module's thread-locals)
@@ -405,7 +404,6 @@ void memory_launch_begin(const char* kernel_name, const void*, dim3 grid, dim3 b
   v.active = true;
   v.racecheck = env_flag("MOE_KERNELS_SIMT_RACECHECK");
   v.traffic = g_traffic.enabled;
-  v.kernel_name = kernel_name;
   v.num_threads = static_cast<int>(block.x * block.y * block.z);
   v.clocks.resize(v.num_threads);
   unsigned char *tls_begin, *tls_end;
