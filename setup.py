@@ -157,12 +157,26 @@ def sources(*patterns):
 
 
 ADAPTERS = sources("csrc/bindings.cpp", "csrc/torch/*.cpp")
+LIMITS_HEADER = ROOT / "csrc" / "kernels" / "common" / "limits.h"
+
+
+def read_limits():
+    """The op limits of csrc/kernels/common/limits.h (`constexpr int64_t kMaxName = expr;`),
+    as {"MAX_NAME": value}: the Python checks use the numbers the kernels are built with."""
+    limits = {}
+    for name, expr in re.findall(r"^constexpr int64_t k(\w+) = ([0-9<> ]+);", LIMITS_HEADER.read_text(), re.M):
+        snake = re.sub(r"(?<!^)(?=[A-Z])", "_", name).upper()
+        limits[snake] = int(eval(expr, {"__builtins__": {}}))  # digits, spaces and << only
+    if not limits:
+        raise RuntimeError(f"moe_kernels: no limits found in {LIMITS_HEADER}")
+    return limits
 
 
 def make_extensions():
     extensions = []
     build_info = {"cuda_built": False, "cuda_reason": "", "archs": [], "simt_sanitize": "",
-                  "simt_observer": not os.environ.get("MOE_KERNELS_SANITIZE")}
+                  "simt_observer": not os.environ.get("MOE_KERNELS_SANITIZE"),
+                  "limits": read_limits()}
 
     simt_include = cuda_headers_for_simt()
     if simt_include is None:
@@ -188,7 +202,7 @@ def make_extensions():
         gencode, archs = arch_flags(CUDA_HOME)
         extensions.append(CUDAExtension(
             "moe_kernels._C",
-            ADAPTERS + sources("csrc/kernels/*.cu"),
+            ADAPTERS + sources("csrc/kernels/*/*.cu"),
             extra_compile_args={
                 "cxx": list(CXX_FLAGS) + ["-DMOE_KERNELS_TARGET_CUDA"],
                 "nvcc": NVCC_FLAGS + gencode,

@@ -5,7 +5,7 @@ the same kernels in the SIMT emulator on the CPU, or a PyTorch reference.
 """
 
 from ._backend import available_backends, use_backend
-from .gating import (expert_choice_gating, hash_gating, load_balancing_loss, router_stats,
+from .routing import (expert_choice_gating, hash_gating, load_balancing_loss, router_stats,
                      router_z_loss, topk_gating, update_routing_bias)
 from .permute import PermuteResult, capacity_from_factor, permute, unpermute
 

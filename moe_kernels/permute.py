@@ -8,11 +8,10 @@ import torch
 
 from . import reference
 from ._backend import selected_backend
-from ._library import native_call
+from ._library import absent, native_call, register_op
+from ._limits import MAX_ALIGN, MAX_COUNTED_EXPERTS, MAX_EXPERTS
 from ._checks import FLOAT_DTYPES, check_int, check_pair_weights, check_same_device, check_tensor
 
-MAX_EXPERTS = 4096
-MAX_ALIGN = 1 << 20
 DROP_POLICIES = ("position", "weight")
 
 PermuteResult = collections.namedtuple("PermuteResult", ["x", "row_map", "offsets", "num_rows", "weights"])
@@ -75,6 +74,23 @@ def _check_permute_args(x, ids, num_experts, capacity, align, drop_policy, weigh
     return start, end
 
 
+def _fake_permute(backend, x, ids, weights, num_experts, capacity, align, drop_by_weight,
+                  expert_begin, expert_end):
+    tokens, k = ids.shape
+    rows = reference.permute_num_rows_bound(tokens, k, num_experts, None if capacity < 0 else capacity,
+                                            align)
+    long = dict(dtype=torch.int64)
+    return (x.new_empty((rows, x.shape[1])), ids.new_empty((tokens, k), **long),
+            ids.new_empty((num_experts + 1,), **long), ids.new_empty((1,), **long),
+            absent(x) if weights is None else weights.new_empty((rows,)))
+
+
+register_op("permute",
+            "(str backend, Tensor x, Tensor ids, Tensor? weights, int num_experts, int capacity, "
+            "int align, bool drop_by_weight, int expert_begin, int expert_end) "
+            "-> (Tensor, Tensor, Tensor, Tensor, Tensor)", _fake_permute)
+
+
 class _PermuteFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weights, ids, num_experts, capacity, align, by_weight, start, end, backend):
@@ -99,6 +115,28 @@ class _PermuteFunction(torch.autograd.Function):
             else:
                 grad_weights = torch.where(kept, grad_weights_perm[row_map.clamp(min=0)], 0.0)
         return grad_x, grad_weights, None, None, None, None, None, None, None, None
+
+
+def _fake_unpermute(backend, y_perm, row_map, weights):
+    return y_perm.new_empty((row_map.shape[0], y_perm.shape[1]))
+
+
+register_op("unpermute", "(str backend, Tensor y_perm, Tensor row_map, Tensor? weights) -> Tensor",
+            _fake_unpermute)
+
+
+def _fake_unpermute_backward(backend, grad_y, y_perm, row_map, weights, need_grad_y_perm,
+                             need_grad_weights):
+    grad_y_perm = torch.empty_like(y_perm) if need_grad_y_perm else absent(y_perm)
+    grad_weights = (row_map.new_empty(row_map.shape, dtype=torch.float32)
+                    if need_grad_weights and weights is not None else absent(y_perm))
+    return grad_y_perm, grad_weights
+
+
+register_op("unpermute_backward",
+            "(str backend, Tensor grad_y, Tensor y_perm, Tensor row_map, Tensor? weights, "
+            "bool need_grad_y_perm, bool need_grad_weights) -> (Tensor, Tensor)",
+            _fake_unpermute_backward)
 
 
 class _UnpermuteFunction(torch.autograd.Function):

@@ -16,8 +16,9 @@ import moe_kernels
 from conftest import needs_observer
 
 KERNELS = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "kernels"
-# The kernels the package ships (testing.cuh holds the emulator's own probes).
-SOURCES = ["gating.cuh", "routing.cuh", "permute.cuh", "common/reduce.cuh"]
+# The kernels the package ships (testing/ holds the emulator's own probes).
+SOURCES = sorted(str(p.relative_to(KERNELS)) for family in ("routing", "permute")
+                 for p in (KERNELS / family).glob("*.cuh")) + ["common/reduce.cuh"]
 BARRIER = re.compile(r"^\s*[^/]*\b(__syncthreads|__syncwarp)\s*\(")
 
 

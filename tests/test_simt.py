@@ -183,10 +183,10 @@ def test_barrier_skip_knob_reintroduces_a_race(monkeypatch):
     t = native("simt").testing
     t.block_reverse(torch.arange(64.0), 64)
     import pathlib
-    source = (pathlib.Path(__file__).parent.parent / "csrc/kernels/testing.cuh").read_text().splitlines()
+    source = (pathlib.Path(__file__).parent.parent / "csrc/kernels/testing/testing.cuh").read_text().splitlines()
     start = next(i for i, line in enumerate(source) if "block_reverse_kernel(" in line)
     line = next(i for i in range(start, len(source)) if "__syncthreads()" in source[i]) + 1
-    monkeypatch.setenv("MOE_KERNELS_SIMT_SKIP_BARRIER", f"kernels/testing.cuh:{line}")
+    monkeypatch.setenv("MOE_KERNELS_SIMT_SKIP_BARRIER", f"kernels/testing/testing.cuh:{line}")
     with pytest.raises(RuntimeError, match="race detector.*block_reverse_kernel"):
         t.block_reverse(torch.arange(64.0), 64)
 

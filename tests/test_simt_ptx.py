@@ -1,5 +1,5 @@
 """The PTX primitives of csrc/kernels/common/{mma,ldmatrix,cp_async}.cuh, run through the
-probe kernels of csrc/kernels/testing_ptx.cuh in the emulator (and on a GPU when there is
+probe kernels of csrc/kernels/testing/testing_ptx.cuh in the emulator (and on a GPU when there is
 one). The expected per-lane registers are built here from the formulas of the PTX ISA,
 independently of the C++ sources:
 
@@ -391,12 +391,12 @@ def test_race_detector_sees_ldmatrix_rows_as_the_lanes_reads(monkeypatch):
     needs_observer()
     import pathlib
 
-    source = (pathlib.Path(__file__).parent.parent / "csrc/kernels/testing_ptx.cuh").read_text()
+    source = (pathlib.Path(__file__).parent.parent / "csrc/kernels/testing/testing_ptx.cuh").read_text()
     lines = source.splitlines()
     start = next(i for i, line in enumerate(lines) if "ldmatrix_probe_kernel(" in line)
     barrier = next(i for i in range(start, len(lines)) if "__syncthreads()" in lines[i]) + 1
     monkeypatch.setenv("MOE_KERNELS_SIMT_RACECHECK", "1")
-    monkeypatch.setenv("MOE_KERNELS_SIMT_SKIP_BARRIER", f"kernels/testing_ptx.cuh:{barrier}")
+    monkeypatch.setenv("MOE_KERNELS_SIMT_SKIP_BARRIER", f"kernels/testing/testing_ptx.cuh:{barrier}")
     x = torch.zeros(32, 8, dtype=torch.int16)
     lanes = torch.arange(32, dtype=torch.int32)[None]
     with pytest.raises(RuntimeError, match=r"race detector: conflicting accesses with no barrier "

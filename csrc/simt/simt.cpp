@@ -5,6 +5,7 @@
 #include <mutex>
 
 #include <cstdlib>
+#include <filesystem>
 #include <memory>
 #include <random>
 #include <sstream>
@@ -368,10 +369,12 @@ void fail(const std::string& message) {
 
 // MOE_KERNELS_SIMT_SKIP_BARRIER=file:line turns the __syncthreads or __syncwarp at that
 // source line into a no-op: the mutation test deletes one barrier at a time this way and
-// expects the race detector to object. `file` matches as a suffix of the path.
+// expects the race detector to object. `file` matches as a suffix of the path, after
+// "dir/../" is folded (__FILE__ of a header reached through "../common/x.cuh" has it).
 bool skipped_barrier(const Launch& l, const char* file, int line) {
   if (l.skip_barrier.empty()) return false;
-  const std::string site = std::string(file) + ":" + std::to_string(line);
+  const std::string site =
+      std::filesystem::path(file).lexically_normal().string() + ":" + std::to_string(line);
   return site.size() >= l.skip_barrier.size() &&
          site.compare(site.size() - l.skip_barrier.size(), std::string::npos, l.skip_barrier) == 0 &&
          (site.size() == l.skip_barrier.size() || site[site.size() - l.skip_barrier.size() - 1] == '/');

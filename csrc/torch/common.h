@@ -7,11 +7,13 @@
 
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
+#include <torch/extension.h>  // pybind11 and its tensor casters: each family registers itself
 
 #include <initializer_list>
 #include <string>
 
 #include "../kernels/common/dtype.h"
+#include "../kernels/common/limits.h"
 #include "../kernels/common/stream.h"
 
 #if defined(MOE_KERNELS_TARGET_CUDA)
@@ -19,6 +21,8 @@
 // which CUDA wheels of torch keep outside the toolkit.
 #include <c10/cuda/CUDAStream.h>
 #endif
+
+namespace py = pybind11;
 
 namespace moe {
 

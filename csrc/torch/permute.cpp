@@ -1,7 +1,6 @@
-#include "../kernels/permute.h"
+#include "../kernels/permute/permute.h"
 
 #include "common.h"
-#include "ops.h"
 
 namespace moe {
 
@@ -36,8 +35,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::optional<at::Ten
   const int64_t k = ids.size(1);
   MOE_CHECK_VALUE(k >= 1, "ids", "expected at least one column (k >= 1), got shape ", ids.sizes());
   MOE_CHECK_VALUE(T * k < (int64_t{1} << 31), "ids", "expected fewer than 2^31 entries, got ", T * k);
-  MOE_CHECK_VALUE(num_experts >= 1 && num_experts <= kMaxPermuteExperts, "num_experts",
-                  "expected 1 to ", kMaxPermuteExperts, ", got ", num_experts);
+  MOE_CHECK_VALUE(num_experts >= 1 && num_experts <= kMaxExperts, "num_experts",
+                  "expected 1 to ", kMaxExperts, ", got ", num_experts);
   MOE_CHECK_VALUE(capacity >= -1 && capacity < (int64_t{1} << 31), "capacity",
                   "expected -1 (dropless) or 0 <= capacity < 2^31, got ", capacity);
   MOE_CHECK_VALUE(align >= 1 && align <= (int64_t{1} << 20), "align",
@@ -178,6 +177,18 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> unpermute_backw
     launch_row_dot(d, stream);
   }
   return {grad_y_perm, grad_weights};
+}
+
+void register_permute(pybind11::module_& m) {
+  m.def("permute", &permute, "Token permutation into expert-contiguous rows", py::arg("x"),
+        py::arg("ids"), py::arg("weights"), py::arg("num_experts"), py::arg("capacity"),
+        py::arg("align"), py::arg("drop_by_weight"), py::arg("expert_begin"),
+        py::arg("expert_end"));
+  m.def("unpermute", &unpermute, "Weighted sum of each token's permuted rows",
+        py::arg("y_perm"), py::arg("row_map"), py::arg("weights"));
+  m.def("unpermute_backward", &unpermute_backward, "Gradients of unpermute",
+        py::arg("grad_y"), py::arg("y_perm"), py::arg("row_map"), py::arg("weights"),
+        py::arg("need_grad_y_perm"), py::arg("need_grad_weights"));
 }
 
 }  // namespace moe

@@ -1,7 +1,6 @@
-#include "../kernels/testing.h"
+#include "../kernels/testing/testing.h"
 
 #include "common.h"
-#include "ops.h"
 
 namespace moe {
 namespace testing {
@@ -169,4 +168,24 @@ void ptx_broken(int64_t mode, const at::Tensor& out) {
 }
 
 }  // namespace testing
+// Kernels that test the execution model, in the submodule `testing`.
+void register_testing(pybind11::module_& parent) {
+  pybind11::module_ m = parent.def_submodule("testing", "kernels that test the execution model");
+  m.def("block_sum", &testing::block_sum, py::arg("x"), py::arg("block"));
+  m.def("transpose", &testing::transpose, py::arg("x"), py::arg("padded") = true);
+  m.def("warp_scan", &testing::warp_scan, py::arg("x"));
+  m.def("histogram", &testing::histogram, py::arg("x"), py::arg("bins"));
+  m.def("block_reverse", &testing::block_reverse, py::arg("x"), py::arg("block"));
+  m.def("broken", &testing::broken, py::arg("mode"), py::arg("out"));
+  m.def("shared_memory", &testing::shared_memory, py::arg("dynamic_bytes"), py::arg("opt_in") = true,
+        py::arg("grid") = std::vector<int64_t>{1, 1, 1}, py::arg("block") = std::vector<int64_t>{64, 1, 1});
+  m.def("mma_probe", &testing::mma_probe, py::arg("a_frag"), py::arg("b_frag"),
+        py::arg("c_frag"), py::arg("bf16"));
+  m.def("ldmatrix_probe", &testing::ldmatrix_probe, py::arg("x"), py::arg("lane_rows"),
+        py::arg("col"), py::arg("num"), py::arg("trans"));
+  m.def("cp_async_probe", &testing::cp_async_probe, py::arg("src"), py::arg("src_sizes"),
+        py::arg("pending"), py::arg("early_reads") = false);
+  m.def("ptx_broken", &testing::ptx_broken, py::arg("mode"), py::arg("out"));
+}
+
 }  // namespace moe

@@ -6,7 +6,7 @@
 #include <array>
 #include <cstdint>
 
-#include "common/stream.h"
+#include "../common/stream.h"
 
 namespace moe {
 namespace testing {

@@ -20,14 +20,14 @@
 // winning slot remembers its rank; at the end each owner writes its own winners.
 #pragma once
 
-#include "common/launch.cuh"
-#include "common/memory.cuh"
-#include "common/reduce.cuh"
-#include "gating.h"
+#include "../common/launch.cuh"
+#include "../common/memory.cuh"
+#include "../common/reduce.cuh"
+#include "routing.h"
 #include "selection.cuh"
 
 namespace moe {
-namespace gating {
+namespace routing {
 
 template <int TPT>
 __host__ __device__ constexpr int block_threads() {
@@ -287,10 +287,10 @@ void launch_typed(const TopkGatingParams& p, cudaStream_t stream) {
   throw std::invalid_argument("topk_gating: num_experts above the supported maximum");
 }
 
-}  // namespace gating
+}  // namespace routing
 
 void launch_topk_gating(const TopkGatingParams& p, cudaStream_t stream) {
-  if (p.num_experts < 1 || p.num_experts > kMaxGatingExperts) {
+  if (p.num_experts < 1 || p.num_experts > kMaxExperts) {
     throw std::invalid_argument("topk_gating: num_experts must be in [1, 4096]");
   }
   if (p.num_groups < 1 || p.num_experts % p.num_groups != 0 || p.topk_groups < 1 ||
@@ -299,7 +299,7 @@ void launch_topk_gating(const TopkGatingParams& p, cudaStream_t stream) {
   }
   const int eligible = p.topk_groups * (p.num_experts / p.num_groups);
   if (p.k < 1 || p.k > eligible) throw std::invalid_argument("topk_gating: k must be in [1, eligible experts]");
-  MOE_DISPATCH_FLOAT_TYPES(p.dtype, T, gating::launch_typed<T>(p, stream));
+  MOE_DISPATCH_FLOAT_TYPES(p.dtype, T, routing::launch_typed<T>(p, stream));
 }
 
 }  // namespace moe

@@ -14,12 +14,12 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "common/dtype.h"
-#include "common/stream.h"
+#include "../common/dtype.h"
+#include "../common/limits.h"
+#include "../common/stream.h"
 
 namespace moe {
 
-constexpr int kMaxPermuteExperts = 4096;
 // Assignments (token, slot) per tile of the index stage.
 constexpr int kPermuteTile = 1024;
 

@@ -1,8 +1,8 @@
 #pragma once
 
-#include "common/launch.cuh"
-#include "common/memory.cuh"
-#include "common/reduce.cuh"
+#include "../common/launch.cuh"
+#include "../common/memory.cuh"
+#include "../common/reduce.cuh"
 #include "testing.h"
 
 namespace moe {

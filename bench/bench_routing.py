@@ -1,6 +1,6 @@
 """Fused top-k gating vs the PyTorch reference on the model presets.
 
-    python bench/bench_gating.py [--quick] [--out DIR]
+    python bench/bench_routing.py [--quick] [--out DIR]
 
 Each preset's full routing configuration (DESIGN.md section 6: scoring, selection bias,
 group-limited choice, renormalize, scaling) runs at T in {1, 16, 256, 4096, 16384}

@@ -4,11 +4,11 @@
 // host, independently of these sources), in the emulator and on a GPU.
 #pragma once
 
-#include "common/cp_async.cuh"
-#include "common/launch.cuh"
-#include "common/ldmatrix.cuh"
-#include "common/memory.cuh"
-#include "common/mma.cuh"
+#include "../common/cp_async.cuh"
+#include "../common/launch.cuh"
+#include "../common/ldmatrix.cuh"
+#include "../common/memory.cuh"
+#include "../common/mma.cuh"
 #include "testing.h"
 
 namespace moe {

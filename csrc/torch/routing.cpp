@@ -1,9 +1,8 @@
-#include "../kernels/gating.h"
+#include "../kernels/routing/routing.h"
 
 #include <numeric>
 
 #include "common.h"
-#include "ops.h"
 
 namespace moe {
 
@@ -20,8 +19,8 @@ void check_logits(const at::Tensor& logits) {
   check_dim(logits, 2, "logits");
   check_contiguous(logits, "logits");
   float_dtype(logits, "logits");
-  MOE_CHECK_VALUE(logits.size(1) >= 1 && logits.size(1) <= kMaxGatingExperts, "logits",
-                  "expected 1 to ", kMaxGatingExperts, " experts (columns), got ", logits.size(1));
+  MOE_CHECK_VALUE(logits.size(1) >= 1 && logits.size(1) <= kMaxExperts, "logits",
+                  "expected 1 to ", kMaxExperts, " experts (columns), got ", logits.size(1));
 }
 }  // namespace
 
@@ -115,8 +114,8 @@ at::Tensor router_stats(const at::Tensor& ids, int64_t num_experts) {
   check_device(ids, "ids");
   check_dtype(ids, at::kInt, "ids");
   check_contiguous(ids, "ids");
-  MOE_CHECK_VALUE(num_experts >= 1 && num_experts <= 65536, "num_experts",
-                  "expected 1 <= num_experts <= 65536, got ", num_experts);
+  MOE_CHECK_VALUE(num_experts >= 1 && num_experts <= kMaxCountedExperts, "num_experts",
+                  "expected 1 <= num_experts <= ", kMaxCountedExperts, ", got ", num_experts);
   const c10::DeviceGuard guard(ids.device());
   at::Tensor counts = at::zeros({num_experts}, ids.options().dtype(at::kInt));
   RouterStatsParams p;
@@ -153,6 +152,14 @@ std::tuple<at::Tensor, at::Tensor> expert_choice_gating(const at::Tensor& logits
   return {token_idx, weights};
 }
 
+// The expert permutation of hash_gating: the smallest integer >= round(0.618034 * E) that is
+// coprime to E (golden-ratio stride: consecutive slots land far apart). E = 1 gives 1.
+int64_t hash_multiplier(int64_t num_experts) {
+  int64_t a = std::max<int64_t>(1, static_cast<int64_t>(0.6180339887 * num_experts + 0.5));
+  while (std::gcd(a, num_experts) != 1) ++a;
+  return a;
+}
+
 std::tuple<at::Tensor, at::Tensor> hash_gating(const at::Tensor& token_ids, int64_t num_experts,
                                                int64_t k) {
   check_device(token_ids, "token_ids");
@@ -160,8 +167,8 @@ std::tuple<at::Tensor, at::Tensor> hash_gating(const at::Tensor& token_ids, int6
   check_contiguous(token_ids, "token_ids");
   MOE_CHECK_TYPE(token_ids.scalar_type() == at::kInt || token_ids.scalar_type() == at::kLong,
                  "token_ids", "expected int32 or int64, got ", token_ids.scalar_type());
-  MOE_CHECK_VALUE(num_experts >= 1 && num_experts <= 65536, "num_experts",
-                  "expected 1 <= num_experts <= 65536, got ", num_experts);
+  MOE_CHECK_VALUE(num_experts >= 1 && num_experts <= kMaxCountedExperts, "num_experts",
+                  "expected 1 <= num_experts <= ", kMaxCountedExperts, ", got ", num_experts);
   MOE_CHECK_VALUE(k >= 1 && k <= num_experts, "k", "expected 1 <= k <= num_experts (",
                   num_experts, "), got ", k);
   const c10::DeviceGuard guard(token_ids.device());
@@ -181,12 +188,24 @@ std::tuple<at::Tensor, at::Tensor> hash_gating(const at::Tensor& token_ids, int6
   return {weights, ids};
 }
 
-// The expert permutation of hash_gating: the smallest integer >= round(0.618034 * E) that is
-// coprime to E (golden-ratio stride: consecutive slots land far apart). E = 1 gives 1.
-int64_t hash_multiplier(int64_t num_experts) {
-  int64_t a = std::max<int64_t>(1, static_cast<int64_t>(0.6180339887 * num_experts + 0.5));
-  while (std::gcd(a, num_experts) != 1) ++a;
-  return a;
+
+void register_routing(pybind11::module_& m) {
+  m.def("topk_gating", &topk_gating, "Fused top-k gating", py::arg("logits"), py::arg("k"),
+        py::arg("renormalize"), py::arg("scoring") = "softmax", py::arg("bias") = py::none(),
+        py::arg("num_groups") = 1, py::arg("topk_groups") = -1,
+        py::arg("group_scoring") = "top2_sum", py::arg("scaling_factor") = 1.0);
+  m.def("topk_gating_backward", &topk_gating_backward,
+        "Gradient of topk_gating's weights with respect to the logits", py::arg("grad_weights"),
+        py::arg("logits"), py::arg("ids"), py::arg("scoring"), py::arg("renormalize"),
+        py::arg("scaling_factor"));
+  m.def("router_stats", &router_stats, "Assignments per expert", py::arg("ids"),
+        py::arg("num_experts"));
+  m.def("expert_choice_gating", &expert_choice_gating, "Expert-choice routing",
+        py::arg("logits"), py::arg("capacity"));
+  m.def("hash_gating", &hash_gating, "Hash routing", py::arg("token_ids"),
+        py::arg("num_experts"), py::arg("k"));
+  m.def("hash_multiplier", &hash_multiplier, "The expert permutation of hash_gating",
+        py::arg("num_experts"));
 }
 
 }  // namespace moe

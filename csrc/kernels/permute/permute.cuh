@@ -23,9 +23,9 @@
 // gather_rows (unpermute) reads the k rows of a token and writes the fp32 sum once.
 #pragma once
 
-#include "common/launch.cuh"
-#include "common/memory.cuh"
-#include "common/reduce.cuh"
+#include "../common/launch.cuh"
+#include "../common/memory.cuh"
+#include "../common/reduce.cuh"
 #include "permute.h"
 
 #include <algorithm>
@@ -606,7 +606,7 @@ size_t permute_index_workspace_bytes(int64_t num_tokens, int k, int num_experts)
 }
 
 void launch_permute_index(const PermuteIndexParams& p, cudaStream_t stream) {
-  if (p.num_experts < 1 || p.num_experts > kMaxPermuteExperts) {
+  if (p.num_experts < 1 || p.num_experts > kMaxExperts) {
     throw std::invalid_argument("permute: num_experts must be in [1, 4096]");
   }
   if (p.expert_begin < 0 || p.expert_begin >= p.expert_end || p.expert_end > p.num_experts) {

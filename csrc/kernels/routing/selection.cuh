@@ -2,7 +2,8 @@
 // and, on a tie, the lower index.
 #pragma once
 
-#include "common/platform.cuh"
+#include "../common/platform.cuh"
+#include "../common/reduce.cuh"
 
 namespace moe {
 
@@ -29,5 +30,24 @@ __device__ __forceinline__ uint32_t key_index(uint64_t key) {
 }
 
 __device__ __forceinline__ float sigmoidf(float x) { return 1.f / (1.f + expf(-x)); }
+
+namespace routing {
+
+// Softmax statistics of a row of E logits, computed by one warp: its max and
+// 1 / sum(exp(x - max)). Every lane gets the same bits.
+template <typename T>
+__device__ __forceinline__ void warp_softmax_stats(const T* row, int E, float* row_max,
+                                                   float* inv_sum) {
+  const int lane = threadIdx.x % 32;
+  float m = -INFINITY;
+  for (int e = lane; e < E; e += 32) m = fmaxf(m, to_float(row[e]));
+  m = warp_allreduce<32>(m, MaxOp{});
+  float sum = 0.f;
+  for (int e = lane; e < E; e += 32) sum += expf(to_float(row[e]) - m);
+  *row_max = m;
+  *inv_sum = 1.f / warp_allreduce<32>(sum, SumOp{});
+}
+
+}  // namespace routing
 
 }  // namespace moe

@@ -3,8 +3,9 @@
 
 #include <cstdint>
 
-#include "common/dtype.h"
-#include "common/stream.h"
+#include "../common/dtype.h"
+#include "../common/limits.h"
+#include "../common/stream.h"
 
 namespace moe {
 
@@ -72,8 +73,6 @@ struct HashGatingParams {
   int32_t* ids = nullptr;    // [num_tokens, k] out
 };
 
-// Largest expert count the fused kernel takes.
-constexpr int kMaxGatingExperts = 4096;
 
 void launch_topk_gating(const TopkGatingParams& params, cudaStream_t stream);
 void launch_topk_gating_backward(const TopkGatingBackwardParams& params, cudaStream_t stream);

@@ -8,10 +8,10 @@ import torch
 
 from . import reference
 from ._backend import selected_backend
-from ._library import native_call
+from ._library import native_call, register_op
+from ._limits import MAX_ALIGN, MAX_COUNTED_EXPERTS, MAX_EXPERTS
 from ._checks import FLOAT_DTYPES, check_int, check_same_device, check_tensor
 
-MAX_EXPERTS = 4096
 SCORINGS = ("softmax", "sigmoid")
 GROUP_SCORINGS = ("top2_sum", "max")
 
@@ -40,6 +40,28 @@ def _check_logits(logits):
     if not 1 <= num_experts <= MAX_EXPERTS:
         raise ValueError(f"logits: expected 1 to {MAX_EXPERTS} experts (columns), got {num_experts}")
     return num_experts
+
+
+def _fake_topk_gating(backend, logits, k, renormalize, scoring, bias, num_groups, topk_groups,
+                      group_scoring, scaling_factor):
+    shape = (logits.shape[0], k)
+    return logits.new_empty(shape, dtype=torch.float32), logits.new_empty(shape, dtype=torch.int32)
+
+
+register_op("topk_gating",
+            "(str backend, Tensor logits, int k, bool renormalize, str scoring, Tensor? bias, "
+            "int num_groups, int topk_groups, str group_scoring, float scaling_factor) "
+            "-> (Tensor, Tensor)", _fake_topk_gating)
+
+
+def _fake_topk_gating_backward(backend, grad_weights, logits, ids, scoring, renormalize,
+                               scaling_factor):
+    return torch.empty_like(logits)
+
+
+register_op("topk_gating_backward",
+            "(str backend, Tensor grad_weights, Tensor logits, Tensor ids, str scoring, "
+            "bool renormalize, float scaling_factor) -> Tensor", _fake_topk_gating_backward)
 
 
 class _TopkGatingFunction(torch.autograd.Function):
@@ -155,6 +177,13 @@ def _check_ids(ids, name="ids"):
     check_tensor(ids, name, dtypes=(torch.int32,))
 
 
+def _fake_router_stats(backend, ids, num_experts):
+    return ids.new_empty((num_experts,), dtype=torch.int32)
+
+
+register_op("router_stats", "(str backend, Tensor ids, int num_experts) -> Tensor", _fake_router_stats)
+
+
 def router_stats(ids, num_experts):
     """Assignments per expert.
 
@@ -174,7 +203,7 @@ def router_stats(ids, num_experts):
         block, integer atomics, deterministic).
     """
     _check_ids(ids)
-    check_int(num_experts, "num_experts", 1, 65536)
+    check_int(num_experts, "num_experts", 1, MAX_COUNTED_EXPERTS)
     backend = selected_backend(ids, "ids")
     if backend == "reference":
         return reference.router_stats(ids, num_experts)
@@ -230,6 +259,15 @@ def update_routing_bias(bias, counts, rate):
     return bias
 
 
+def _fake_expert_choice_gating(backend, logits, capacity):
+    shape = (logits.shape[1], capacity)
+    return logits.new_empty(shape, dtype=torch.int32), logits.new_empty(shape, dtype=torch.float32)
+
+
+register_op("expert_choice_gating", "(str backend, Tensor logits, int capacity) -> (Tensor, Tensor)",
+            _fake_expert_choice_gating)
+
+
 def expert_choice_gating(logits, capacity):
     """Expert-choice routing: each expert takes the ``capacity`` tokens with the highest
     softmax-over-experts score.
@@ -261,6 +299,16 @@ def expert_choice_gating(logits, capacity):
     return native_call(backend, "expert_choice_gating", logits, capacity)
 
 
+def _fake_hash_gating(backend, token_ids, num_experts, k):
+    shape = (token_ids.shape[0], k)
+    return (token_ids.new_empty(shape, dtype=torch.float32),
+            token_ids.new_empty(shape, dtype=torch.int32))
+
+
+register_op("hash_gating", "(str backend, Tensor token_ids, int num_experts, int k) -> (Tensor, Tensor)",
+            _fake_hash_gating)
+
+
 def hash_gating(token_ids, num_experts, k):
     """Hash routing: a fixed map from token id to k distinct experts, weights 1/k.
 
@@ -287,7 +335,7 @@ def hash_gating(token_ids, num_experts, k):
         ``[T, k]`` int32.
     """
     check_tensor(token_ids, "token_ids", dtypes=(torch.int32, torch.int64), dim=1)
-    check_int(num_experts, "num_experts", 1, 65536)
+    check_int(num_experts, "num_experts", 1, MAX_COUNTED_EXPERTS)
     check_int(k, "k", 1, num_experts)
     backend = selected_backend(token_ids, "token_ids")
     if backend == "reference":

@@ -1,0 +1,5 @@
+#include "topk_gating.cuh"
+#include "topk_gating_backward.cuh"
+#include "router_stats.cuh"
+#include "expert_choice.cuh"
+#include "hash_gating.cuh"

@@ -1,0 +1,8 @@
+"""PyTorch reference implementations, one module per op family: written for clarity, the
+oracle of the tests and the path CPU tensors take by default. Same semantics as the
+kernels, bit for bit in the integer outputs; floating-point outputs within the tolerances
+stated in the tests."""
+
+from .permute import permute, permute_num_rows_bound, unpermute
+from .routing import (expert_choice_gating, group_scores, hash_gating, hash_multiplier,
+                      router_stats, routing_scores, selection_order, topk_gating)

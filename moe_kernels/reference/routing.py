@@ -1,0 +1,104 @@
+"""Reference routing: top-k gating, router statistics, expert choice, hash routing."""
+
+import math
+
+import torch
+
+
+def selection_order(scores, k, eligible=None):
+    """Indices of the k largest `scores` per row, largest first; ties go to the lower
+    index; NaN ranks as -inf; -0.0 equals +0.0. With a boolean mask `eligible`, every
+    eligible entry ranks ahead of every ineligible one."""
+    keys = torch.nan_to_num(scores.float(), nan=float("-inf"), posinf=float("inf"),
+                            neginf=float("-inf"))
+    order = torch.sort(keys, dim=-1, descending=True, stable=True).indices
+    if eligible is not None:
+        first = torch.sort(eligible.gather(-1, order).to(torch.int8), dim=-1, descending=True,
+                           stable=True).indices
+        order = order.gather(-1, first)
+    return order[..., :k]
+
+
+def routing_scores(logits, scoring):
+    """float32 scores: softmax over the experts or elementwise sigmoid."""
+    x = logits.float()
+    return torch.softmax(x, dim=-1) if scoring == "softmax" else torch.sigmoid(x)
+
+
+def group_scores(values, num_groups, group_scoring):
+    """[T, num_groups]: the max, or the sum of the two largest, of each group's values
+    (NaN counts as -inf)."""
+    grouped = torch.nan_to_num(values, nan=float("-inf"), posinf=float("inf"),
+                               neginf=float("-inf")).view(values.shape[0], num_groups, -1)
+    if group_scoring == "max":
+        return grouped.max(dim=-1).values
+    return grouped.topk(2, dim=-1).values.sum(dim=-1)
+
+
+def topk_gating(logits, k, *, scoring="softmax", bias=None, num_groups=1, topk_groups=None,
+                group_scoring="top2_sum", renormalize=False, scaling_factor=1.0):
+    """Top-k gating. See moe_kernels.topk_gating. Differentiable in `logits` (the bias and
+    the selection carry no gradient)."""
+    x = logits.float()
+    scores = routing_scores(x, scoring)
+    with torch.no_grad():
+        biased = scores + bias if bias is not None else scores
+        # Without a bias, select on the logits: the scores are monotonic in them, and the
+        # logits never round two different values to one score.
+        selection = biased if bias is not None else x
+        eligible = None
+        if num_groups > 1:
+            top_groups = selection_order(group_scores(biased, num_groups, group_scoring),
+                                         topk_groups or num_groups)
+            group_mask = torch.zeros(x.shape[0], num_groups, dtype=torch.bool, device=x.device)
+            group_mask.scatter_(1, top_groups, True)
+            eligible = group_mask.repeat_interleave(x.shape[1] // num_groups, dim=1)
+        ids = selection_order(selection, k, eligible)
+    weights = scores.gather(-1, ids)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    weights = weights * scaling_factor
+    # A NaN logit makes all of its token's weights NaN (softmax does that by itself).
+    nan_rows = torch.isnan(x).any(dim=-1, keepdim=True)
+    weights = torch.where(nan_rows, torch.full_like(weights, float("nan")), weights)
+    return weights, ids.to(torch.int32)
+
+
+def router_stats(ids, num_experts):
+    """int32 [num_experts]: how many entries of `ids` name each expert (ids outside
+    [0, num_experts) are not counted)."""
+    flat = ids.reshape(-1).long()
+    valid = flat[(flat >= 0) & (flat < num_experts)]
+    return torch.bincount(valid, minlength=num_experts).to(torch.int32)
+
+
+def expert_choice_gating(logits, capacity):
+    """Expert-choice routing. See moe_kernels.expert_choice_gating."""
+    probs = torch.softmax(logits.float(), dim=-1).t()  # [E, T]
+    num_experts, num_tokens = probs.shape
+    taken = min(capacity, num_tokens)
+    token_idx = selection_order(probs, taken)
+    weights = probs.gather(1, token_idx)
+    pad = capacity - taken
+    token_idx = torch.cat([token_idx.to(torch.int32),
+                           torch.full((num_experts, pad), -1, dtype=torch.int32, device=probs.device)], 1)
+    weights = torch.cat([weights, torch.zeros(num_experts, pad, device=probs.device)], 1)
+    return token_idx, weights
+
+
+def hash_multiplier(num_experts):
+    """The expert permutation of hash_gating: the smallest integer >= round(0.618034 * E)
+    coprime to E."""
+    a = max(1, int(0.6180339887 * num_experts + 0.5))
+    while math.gcd(a, num_experts) != 1:
+        a += 1
+    return a
+
+
+def hash_gating(token_ids, num_experts, k):
+    """Hash routing. See moe_kernels.hash_gating."""
+    residue = token_ids.long() % num_experts  # floor modulo: negative ids work too
+    slots = (residue[:, None] * k + torch.arange(k, device=token_ids.device)) % num_experts
+    ids = slots * hash_multiplier(num_experts) % num_experts
+    weights = torch.full(ids.shape, 1.0 / k, device=token_ids.device)
+    return weights, ids.to(torch.int32)
