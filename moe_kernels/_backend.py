@@ -96,7 +96,11 @@ def selected_backend(tensor, arg):
 
 
 def native_module(name):
-    """The extension module for backend `name`; a clear error when it is missing."""
+    """The extension module for backend `name` ("cuda" or "simt"); a clear error when it is
+    missing or `name` is not one."""
+    if name not in ("cuda", "simt"):
+        raise ValueError(f"backend: expected 'cuda' or 'simt' (the backends with native ops), "
+                         f"got {name!r}")
     module = _native(name)
     if module is None:
         raise RuntimeError(f"moe_kernels backend {name!r} is not available: {_import_errors[name]}")

@@ -1,5 +1,13 @@
-"""Argument checks shared by every public op: each error names the argument."""
+"""Argument checks shared by every public op: each error names the argument.
 
+Scalars: what users naturally pass is accepted (numpy scalars as well as Python ones); the
+checks return the value as the plain Python type the op uses.
+"""
+
+import math
+import numbers
+
+import numpy as np
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -18,11 +26,44 @@ def check_tensor(t, name, *, dtypes=None, dim=None, contiguous=True):
 
 
 def check_int(value, name, low, high):
-    """`value` is an int (not a bool) in [low, high]."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """`value` is an integer (Python or numpy, not a bool) in [low, high]; returns it as int."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    value = int(value)
     if not low <= value <= high:
         raise ValueError(f"{name}: expected {low} <= {name} <= {high}, got {value}")
+    return value
+
+
+def check_bool(value, name):
+    """`value` is a bool (Python or numpy); returns it as bool."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+def check_number(value, name):
+    """`value` is a finite real number (Python or numpy, not a bool); returns it as a float.
+    An int too large for a float (10**400) is not finite either."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+    try:
+        as_float = float(value)
+    except OverflowError:
+        as_float = float("inf")
+    if not math.isfinite(as_float):
+        raise ValueError(f"{name}: expected a finite number, got {value:.6g}"
+                         if isinstance(value, float) else f"{name}: expected a finite number, "
+                         f"got an int of {len(str(abs(int(value))))} digits")
+    return as_float
+
+
+def check_choice(value, name, choices):
+    """`value` is one of the strings `choices`."""
+    if not isinstance(value, str) or value not in choices:
+        expected = " or ".join(repr(c) for c in choices)
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
+    return value
 
 
 def check_same_device(t, name, ref, ref_name):

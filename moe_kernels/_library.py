@@ -30,8 +30,9 @@ def register_op(name, schema, fake):
     def impl(backend, *args):
         out = getattr(native_module(backend), name)(*args)
         if isinstance(out, tuple):
-            # Outputs may alias nothing: an optional output becomes a fresh 0-dim tensor.
-            like = next(t for t in out if t is not None)
+            # Outputs may alias nothing: an optional output becomes a fresh 0-dim tensor, on
+            # the device of the first tensor argument (every output may be absent).
+            like = next(t for t in args if isinstance(t, torch.Tensor))
             return tuple(absent(like) if t is None else t for t in out)
         return out
 

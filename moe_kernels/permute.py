@@ -8,9 +8,10 @@ import torch
 
 from . import reference
 from ._backend import selected_backend
+from ._checks import (FLOAT_DTYPES, check_int, check_number, check_pair_weights, check_same_device,
+                      check_tensor)
 from ._library import absent, native_call, register_op
-from ._limits import MAX_ALIGN, MAX_COUNTED_EXPERTS, MAX_EXPERTS
-from ._checks import FLOAT_DTYPES, check_int, check_pair_weights, check_same_device, check_tensor
+from ._limits import MAX_ALIGN, MAX_EXPERTS
 
 DROP_POLICIES = ("position", "weight")
 
@@ -26,10 +27,10 @@ def capacity_from_factor(num_tokens, k, num_experts, factor):
     check_int(num_tokens, "num_tokens", 0, 1 << 62)
     check_int(k, "k", 1, 1 << 30)
     check_int(num_experts, "num_experts", 1, 1 << 30)
-    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) \
-            or factor < 0:
+    factor = check_number(factor, "factor")
+    if factor < 0:
         raise ValueError(f"factor: expected a finite number >= 0, got {factor!r}")
-    exact = fractions.Fraction(repr(float(factor))) * num_tokens * k / num_experts
+    exact = fractions.Fraction(repr(factor)) * num_tokens * k / num_experts
     return math.ceil(exact)
 
 

@@ -2,36 +2,17 @@
 router statistics and losses, the auxiliary-loss-free bias update, expert-choice and hash
 routing."""
 
-import math
-
 import torch
 
 from . import reference
 from ._backend import selected_backend
+from ._checks import (FLOAT_DTYPES, check_bool, check_choice, check_int, check_number,
+                      check_same_device, check_tensor)
 from ._library import native_call, register_op
-from ._limits import MAX_ALIGN, MAX_COUNTED_EXPERTS, MAX_EXPERTS
-from ._checks import FLOAT_DTYPES, check_int, check_same_device, check_tensor
+from ._limits import MAX_COUNTED_EXPERTS, MAX_EXPERTS
 
 SCORINGS = ("softmax", "sigmoid")
 GROUP_SCORINGS = ("top2_sum", "max")
-
-
-def _check_choice(value, name, choices):
-    if not isinstance(value, str) or value not in choices:
-        expected = " or ".join(repr(c) for c in choices)
-        raise ValueError(f"{name}: expected {expected}, got {value!r}")
-
-
-def _check_bool(value, name):
-    if not isinstance(value, bool):
-        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
-
-
-def _check_number(value, name):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name}: expected a finite number, got {value}")
 
 
 def _check_logits(logits):
@@ -136,7 +117,7 @@ def topk_gating(logits, k, *, scoring="softmax", bias=None, num_groups=1, topk_g
     """
     num_experts = _check_logits(logits)
     check_int(k, "k", 1, num_experts)
-    _check_choice(scoring, "scoring", SCORINGS)
+    check_choice(scoring, "scoring", SCORINGS)
     if bias is not None:
         check_tensor(bias, "bias", dtypes=(torch.float32,), dim=1)
         check_same_device(bias, "bias", logits, "logits")
@@ -150,7 +131,7 @@ def topk_gating(logits, k, *, scoring="softmax", bias=None, num_groups=1, topk_g
     if topk_groups is None:
         topk_groups = num_groups
     check_int(topk_groups, "topk_groups", 1, num_groups)
-    _check_choice(group_scoring, "group_scoring", GROUP_SCORINGS)
+    check_choice(group_scoring, "group_scoring", GROUP_SCORINGS)
     group_size = num_experts // num_groups
     if num_groups > 1 and group_scoring == "top2_sum" and group_size < 2:
         raise ValueError("group_scoring: 'top2_sum' needs at least 2 experts per group, "
@@ -158,8 +139,8 @@ def topk_gating(logits, k, *, scoring="softmax", bias=None, num_groups=1, topk_g
     if k > topk_groups * group_size:
         raise ValueError(f"k: expected k <= the eligible experts topk_groups * E / num_groups "
                          f"({topk_groups * group_size}), got {k}")
-    _check_bool(renormalize, "renormalize")
-    _check_number(scaling_factor, "scaling_factor")
+    renormalize = check_bool(renormalize, "renormalize")
+    scaling_factor = check_number(scaling_factor, "scaling_factor")
 
     backend = selected_backend(logits, "logits")
     if backend == "reference":
@@ -227,7 +208,7 @@ def load_balancing_loss(logits, ids, num_experts, alpha=0.01):
     check_same_device(ids, "ids", logits, "logits")
     if ids.shape[0] != logits.shape[0]:
         raise ValueError(f"ids: expected {logits.shape[0]} rows (tokens of logits), got {ids.shape[0]}")
-    _check_number(alpha, "alpha")
+    alpha = check_number(alpha, "alpha")
     fraction = router_stats(ids, num_experts).float() / max(ids.numel(), 1)
     mean_prob = torch.softmax(logits.float(), dim=-1).mean(dim=0)
     return alpha * num_experts * (fraction * mean_prob).sum()
@@ -252,7 +233,7 @@ def update_routing_bias(bias, counts, rate):
     if counts.shape != bias.shape:
         raise ValueError(f"counts: expected {bias.shape[0]} elements (one per expert), "
                          f"got {counts.shape[0]}")
-    _check_number(rate, "rate")
+    rate = check_number(rate, "rate")
     with torch.no_grad():
         load = counts.double()  # exact for any count, so the sign is exact too
         bias.add_(torch.sign(load.mean() - load).float(), alpha=rate)

@@ -332,7 +332,8 @@ def test_capacity_from_factor(factor, expected):
 @pytest.mark.parametrize("args,error,match", [
     ((32, 2, 4, -0.5), ValueError, "factor: expected a finite number"),
     ((32, 2, 4, float("inf")), ValueError, "factor: expected a finite number"),
-    ((32, 2, 4, "1.25"), ValueError, "factor: expected a finite number"),
+    ((32, 2, 4, "1.25"), TypeError, "factor: expected a number"),
+    ((32, 2, 4, 10**400), ValueError, "factor: expected a finite number"),
     ((32, 2, 0, 1.0), ValueError, "num_experts: expected"),
     ((32, 0, 4, 1.0), ValueError, "k: expected"),
     ((-1, 2, 4, 1.0), ValueError, "num_tokens: expected"),

@@ -6,3 +6,7 @@ stated in the tests."""
 from .permute import permute, permute_num_rows_bound, unpermute
 from .routing import (expert_choice_gating, group_scores, hash_gating, hash_multiplier,
                       router_stats, routing_scores, selection_order, topk_gating)
+
+__all__ = ["expert_choice_gating", "group_scores", "hash_gating", "hash_multiplier", "permute",
+           "permute_num_rows_bound", "router_stats", "routing_scores", "selection_order", "topk_gating",
+           "unpermute"]
