@@ -26,11 +26,13 @@ import moe_kernels
 from moe_kernels import emulator
 
 QUICK_PRESETS = ("mixtral-8x7b", "deepseek-v3")
+# The model presets plus the largest expert count the kernels take (their widest rows).
+PRESETS = dict(harness.MODEL_PRESETS, **{"e4096": dict(experts=4096, k=8, scoring="softmax")})
 
 
 def run_preset(name, tokens, hidden):
     """Every op once on one preset's shapes; returns (op, launch rows)."""
-    p = harness.MODEL_PRESETS[name]
+    p = PRESETS[name]
     E, k = p["experts"], p["k"]
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(tokens, E, generator=g).to(torch.bfloat16).requires_grad_(True)
@@ -87,7 +89,7 @@ def main(argv=None):
     parser.add_argument("--hidden", type=int, default=256, help="hidden size of the permuted rows")
     args = parser.parse_args(argv)
     tokens = args.tokens or (16 if args.quick else 64)
-    presets = QUICK_PRESETS if args.quick else tuple(harness.MODEL_PRESETS)
+    presets = QUICK_PRESETS if args.quick else tuple(PRESETS)
     launches = []
     for i, name in enumerate(presets):
         print(f"[{i + 1}/{len(presets)}] {name} ...", file=sys.stderr, flush=True)
