@@ -6,8 +6,9 @@ For every kernel in ``moe_kernels._C`` and every architecture it was compiled fo
 per thread, stack frame and local memory bytes (register spills and local arrays live
 there: our kernels must have none), static shared memory, the launch bound (threads per
 block), the theoretical occupancy that follows, and whether its SASS holds tensor-core
-instructions. Reads the binary with ``cuobjdump`` (from the toolkit, or the
-``nvidia-cuda-cuobjdump`` wheel).
+instructions. Reads the binary with ``cuobjdump``, which disassembles through ``nvdisasm``:
+both come with the CUDA toolkit, or as the ``nvidia-cuda-cuobjdump`` and
+``nvidia-cuda-nvdisasm`` wheels. A missing tool is named in the error (exit status 2).
 """
 
 import argparse
@@ -78,8 +79,8 @@ def default_extension_path():
     return spec.origin
 
 
-def _run(tool, *args):
-    return subprocess.run([tool, *args], capture_output=True, text=True, check=True).stdout
+def _run(tool, *args, env=None):
+    return subprocess.run([tool, *args], capture_output=True, text=True, check=True, env=env).stdout
 
 
 def _demangle(names):
@@ -146,10 +147,14 @@ def occupancy(arch, registers, static_smem, threads):
 
 
 def kernel_report(so_path=None):
-    so_path = so_path or default_extension_path()
+    # Both tools are looked up first, so a missing one is named before anything runs:
+    # cuobjdump -sass runs nvdisasm (from PATH; the wheels put them in separate folders).
     cuobjdump = find_cuda_tool("cuobjdump")
+    nvdisasm = find_cuda_tool("nvdisasm")
+    so_path = so_path or default_extension_path()
+    env = dict(os.environ, PATH=os.pathsep.join([os.path.dirname(nvdisasm), os.environ.get("PATH", "")]))
     usage = parse_resource_usage(_run(cuobjdump, "-res-usage", so_path))
-    tensor_cores = parse_tensor_core_use(_run(cuobjdump, "-sass", so_path))
+    tensor_cores = parse_tensor_core_use(_run(cuobjdump, "-sass", so_path, env=env))
     archs = sorted({arch for arch, _ in usage})
     bounds = {arch: parse_max_threads(_run(cuobjdump, "-elf", "-arch", arch, so_path)) for arch in archs}
     names = _demangle(sorted({fn for _, fn in usage}))
@@ -181,7 +186,11 @@ def main(argv=None):
     parser.add_argument("--fail-on-spill", action="store_true",
                         help="exit 1 if any kernel uses stack or local memory (spills)")
     args = parser.parse_args(argv)
-    rows = kernel_report(args.so)
+    try:
+        rows = kernel_report(args.so)
+    except FileNotFoundError as exc:
+        print(f"kernel_report: {exc}", file=sys.stderr)
+        return 2
     print(format_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=1))

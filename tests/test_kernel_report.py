@@ -118,3 +118,23 @@ def test_emulator_static_shared_memory_matches_nvcc():
                   if _simt.static_shared_bytes(fn) != nvcc}
     assert not mismatches, mismatches
     assert any(shared > 0 for shared in sm90.values())
+
+
+def test_missing_nvdisasm_is_named(monkeypatch, capsys):
+    """cuobjdump without nvdisasm (only the cuobjdump wheel installed): a message naming what
+    to install and exit status 2, not a traceback from inside cuobjdump."""
+    real = kr.find_cuda_tool
+
+    def without_nvdisasm(name):
+        if name == "nvdisasm":
+            raise FileNotFoundError("nvdisasm not found: install the CUDA toolkit or "
+                                    "`pip install nvidia-cuda-nvdisasm`")
+        return real(name)
+
+    monkeypatch.setattr(kr, "find_cuda_tool", without_nvdisasm)
+    try:
+        real("cuobjdump")
+    except FileNotFoundError:
+        pytest.skip("cuobjdump itself is not installed")
+    assert kr.main(["--so", "/nonexistent/_C.so"]) == 2
+    assert "pip install nvidia-cuda-nvdisasm" in capsys.readouterr().err
