@@ -58,3 +58,22 @@ def test_missing_cuda_module_is_reported(monkeypatch):
     monkeypatch.setitem(_backend._import_errors, "cuda", "it was not built: no CUDA toolkit found")
     with pytest.raises(RuntimeError, match="backend 'cuda' is not available: it was not built"):
         _backend.native_module("cuda")
+
+
+def test_custom_op_unknown_backend_is_named():
+    """The torch.library surface takes the backend name as an argument: a wrong one is a
+    ValueError naming it, not a bare KeyError."""
+    with pytest.raises(ValueError, match="backend: expected 'cuda' or 'simt'.*'bogus'"):
+        torch.ops.moe_kernels.router_stats("bogus", torch.zeros(4, dtype=torch.int32), 4)
+    with pytest.raises(ValueError, match="backend: expected 'cuda' or 'simt'.*'reference'"):
+        torch.ops.moe_kernels.router_stats("reference", torch.zeros(4, dtype=torch.int32), 4)
+
+
+def test_custom_op_with_every_output_absent():
+    """unpermute_backward asked for neither gradient returns two absent (0-dim) outputs
+    instead of raising StopIteration."""
+    grad_y, y_perm = torch.randn(3, 4), torch.randn(6, 4)
+    row_map = torch.arange(6).view(3, 2)
+    grad_y_perm, grad_weights = torch.ops.moe_kernels.unpermute_backward(
+        "simt", grad_y, y_perm, row_map, None, False, False)
+    assert grad_y_perm.dim() == 0 and grad_weights.dim() == 0
