@@ -16,6 +16,11 @@ __device__ __forceinline__ uint32_t ordered_bits(float x) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
+// The float whose ordered_bits are `bits` (NaN comes back as -inf, -0 as +0).
+__device__ __forceinline__ float ordered_bits_to_float(uint32_t bits) {
+  return __uint_as_float((bits & 0x80000000u) ? (bits & 0x7fffffffu) : ~bits);
+}
+
 // key = ordered_bits(score) << 32 | ~index: larger score first, then lower index. Every
 // real key is > 0 (ordered_bits(-inf) > 0), so 0 means "nothing".
 __device__ __forceinline__ uint64_t selection_key_from_bits(uint32_t bits, uint32_t index) {
@@ -27,6 +32,9 @@ __device__ __forceinline__ uint64_t selection_key(float score, uint32_t index) {
 
 __device__ __forceinline__ uint32_t key_index(uint64_t key) {
   return 0xffffffffu - static_cast<uint32_t>(key);
+}
+__device__ __forceinline__ float key_value(uint64_t key) {
+  return ordered_bits_to_float(static_cast<uint32_t>(key >> 32));
 }
 
 __device__ __forceinline__ float sigmoidf(float x) { return 1.f / (1.f + expf(-x)); }

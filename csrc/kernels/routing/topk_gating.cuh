@@ -208,8 +208,7 @@ __global__ void __launch_bounds__(block_threads<TPT>())
           if (key < below && key > best) best = key;
         }
         below = best;
-        const float value = v[key_index(best)];
-        sum += value != value ? -INFINITY : value;
+        sum += key_value(best);  // from the key (NaN -> -inf): no second, scattered read
       }
       group_scores[n] = sum;
     }

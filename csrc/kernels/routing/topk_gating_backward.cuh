@@ -82,17 +82,24 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
       return softmax ? v : sigmoid ? log_sigmoidf(v) : 0.5f * log_softplusf(v);
     };
     // r_j = exp(l_j - m) / sum_i exp(l_i - m) (m: the largest chosen l) and G = sum g_j r_j.
+    // A lane keeps the logit of its first slot (j = lane: every slot when k <= 32), so the
+    // three passes read each chosen logit once.
+    float first_x = 0.f;
+    auto chosen_x = [&](int j, int e) { return j == lane ? first_x : to_float(row[e]); };
     float m = -INFINITY;
     for (int j = lane; j < p.k; j += 32) {
       const int e = chosen_id(j);
-      if (e >= 0) m = fmaxf(m, log_score(to_float(row[e])));
+      if (e < 0) continue;
+      const float x = to_float(row[e]);
+      if (j == lane) first_x = x;
+      m = fmaxf(m, log_score(x));
     }
     m = warp_allreduce<32>(m, MaxOp{});
     float sum = 0.f, g_sum = 0.f;
     for (int j = lane; j < p.k; j += 32) {
       const int e = chosen_id(j);
       if (e < 0) continue;
-      const float u = expf(log_score(to_float(row[e])) - m);
+      const float u = expf(log_score(chosen_x(j, e)) - m);
       sum += u;
       g_sum += grad_w[j] * u;
     }
@@ -114,7 +121,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
         else dg += grad_w[i] - G;
       }
       if (!first) continue;
-      const float x = to_float(row[e]);
+      const float x = chosen_x(j, e);
       const float r = expf(log_score(x) - m) / sum;
       const float dl = softmax ? 1.f
                        : sigmoid ? sigmoidf(-x)
