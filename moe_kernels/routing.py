@@ -11,8 +11,8 @@ from ._checks import (FLOAT_DTYPES, check_bool, check_choice, check_int, check_n
 from ._library import native_call, register_op
 from ._limits import MAX_COUNTED_EXPERTS, MAX_EXPERTS
 
-SCORINGS = ("softmax", "sigmoid")
-GROUP_SCORINGS = ("top2_sum", "max")
+SCORINGS = ("softmax", "sigmoid", "sqrtsoftplus")
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def _check_logits(logits):
@@ -21,6 +21,18 @@ def _check_logits(logits):
     if not 1 <= num_experts <= MAX_EXPERTS:
         raise ValueError(f"logits: expected 1 to {MAX_EXPERTS} experts (columns), got {num_experts}")
     return num_experts
+
+
+def _group_topn(group_scoring):
+    """n of group_scoring "max" (1) or "top{n}_sum" (n >= 1)."""
+    if group_scoring == "max":
+        return 1
+    if isinstance(group_scoring, str) and group_scoring.startswith("top") and group_scoring.endswith("_sum"):
+        digits = group_scoring[3:-4]
+        if digits.isascii() and digits.isdigit() and not digits.startswith("0") and len(digits) <= 9:
+            return int(digits)
+    raise ValueError(f"group_scoring: expected 'max' or 'top{{n}}_sum' (n >= 1, e.g. 'top2_sum'), "
+                     f"got {group_scoring!r}")
 
 
 def _fake_topk_gating(backend, logits, k, renormalize, scoring, bias, num_groups, topk_groups,
@@ -75,51 +87,67 @@ def topk_gating(logits, k, *, scoring="softmax", bias=None, num_groups=1, topk_g
     Parameters
     ----------
     logits : torch.Tensor
-        ``[T, E]`` router logits, float32 / float16 / bfloat16, contiguous;
-        ``1 <= E <= 4096``.
+        ``[..., E]`` router logits, ``1 <= E <= 4096``; the kernels read ``[T, E]``
+        contiguous float32 / float16 / bfloat16. Leading dimensions are flattened (free for
+        a contiguous tensor); a non-contiguous tensor costs one ``.contiguous()`` copy; float64
+        costs one copy to float32 (the kernels compute in float32 either way).
     k : int
         Experts per token, ``1 <= k <= E`` (no cap below E) and at most the eligible
         experts ``topk_groups * E / num_groups``.
-    scoring : {"softmax", "sigmoid"}
-        Scores: softmax over the E experts, or elementwise sigmoid.
+    scoring : {"softmax", "sigmoid", "sqrtsoftplus"}
+        Scores: softmax over the E experts, elementwise sigmoid, or elementwise
+        ``sqrt(softplus(x))`` (Transformer Engine; ``softplus(x) = log(1 + e^x)``).
     bias : torch.Tensor, optional
-        ``[E]`` float32, same device: added to the scores for the *selection* only (groups
+        ``[E]`` float32 (a float16 / bfloat16 / float64 or non-contiguous bias costs one
+        small copy to contiguous float32), same device: added to the scores for the *selection* only (groups
         and experts); the weights are the unbiased scores and the bias gets no gradient.
     num_groups : int
         Split the experts into this many equal, contiguous groups (must divide E).
     topk_groups : int, optional
         Only the experts of the best ``topk_groups`` groups are eligible (default: all).
-    group_scoring : {"top2_sum", "max"}
-        Group score: sum of its two largest (biased) scores (DeepSeek-V3) or the largest
-        (DeepSeek-V2). ``"top2_sum"`` needs at least two experts per group.
+    group_scoring : str
+        Group score: ``"top{n}_sum"``, the sum of its n largest (biased) scores, added
+        largest first (``"top2_sum"``: DeepSeek-V3), or ``"max"`` (= ``"top1_sum"``,
+        DeepSeek-V2). With groups, n must be at most the experts per group.
     renormalize : bool
-        Divide the k weights of a token by their sum.
+        Divide the k weights of a token by their sum, computed as a softmax of the log
+        scores over the k chosen experts: finite (weights and gradient) also where every
+        chosen score underflows to 0, e.g. sigmoid of logits below about -88.
     scaling_factor : float
-        Multiply the weights by this (after renormalizing).
+        Multiply the weights by this (after renormalizing); ``|scaling_factor|`` at most
+        the float32 maximum.
 
     Returns
     -------
     weights : torch.Tensor
-        ``[T, k]`` float32: the scores of the selected experts (renormalized, scaled), in
+        ``[..., k]`` float32: the scores of the selected experts (renormalized, scaled), in
         selection order. Differentiable in ``logits`` (a backward kernel on cuda/simt).
     ids : torch.Tensor
-        ``[T, k]`` int32 expert indices, best first.
+        ``[..., k]`` int32 expert indices, best first.
 
     Notes
     -----
     Selection values are the logits without a bias (exact; softmax and sigmoid are
     monotonic), else score + bias, compared in float32; ties go to the lower expert (and
-    group) index. A NaN value ranks as -inf (chosen only after every number), and a NaN
-    logit makes all of its token's weights NaN, for both scorings. Group-limited
+    group) index. A NaN value (logit, selection value or group score) ranks as -inf:
+    after every number, tied with -inf, the tie going to the lower index. A NaN logit
+    makes all of its token's weights NaN, for every scoring. Group-limited
     selection is equal to masking the dropped groups' experts out of the top-k.
     GPT-OSS routing (softmax over the k selected logits) is ``scoring="softmax",
     renormalize=True``.
     """
-    num_experts = _check_logits(logits)
+    check_tensor(logits, "logits", dtypes=FLOAT_DTYPES + (torch.float64,), contiguous=False)
+    if logits.dim() < 1:
+        raise ValueError("logits: expected a tensor of shape [..., E], got a 0-D tensor")
+    num_experts = logits.shape[-1]
+    if not 1 <= num_experts <= MAX_EXPERTS:
+        raise ValueError(f"logits: expected 1 to {MAX_EXPERTS} experts (last dimension), "
+                         f"got {num_experts}")
+    leading = logits.shape[:-1]
     check_int(k, "k", 1, num_experts)
     check_choice(scoring, "scoring", SCORINGS)
     if bias is not None:
-        check_tensor(bias, "bias", dtypes=(torch.float32,), dim=1)
+        check_tensor(bias, "bias", dtypes=FLOAT_DTYPES + (torch.float64,), dim=1, contiguous=False)
         check_same_device(bias, "bias", logits, "logits")
         if bias.shape[0] != num_experts:
             raise ValueError(f"bias: expected {num_experts} elements (one per expert), "
@@ -131,27 +159,43 @@ def topk_gating(logits, k, *, scoring="softmax", bias=None, num_groups=1, topk_g
     if topk_groups is None:
         topk_groups = num_groups
     check_int(topk_groups, "topk_groups", 1, num_groups)
-    check_choice(group_scoring, "group_scoring", GROUP_SCORINGS)
+    topn = _group_topn(group_scoring)
     group_size = num_experts // num_groups
-    if num_groups > 1 and group_scoring == "top2_sum" and group_size < 2:
-        raise ValueError("group_scoring: 'top2_sum' needs at least 2 experts per group, "
-                         f"got {group_size}")
+    if num_groups > 1 and topn > group_size:
+        raise ValueError(f"group_scoring: {group_scoring!r} needs at least {topn} experts per "
+                         f"group, got {group_size}")
     if k > topk_groups * group_size:
         raise ValueError(f"k: expected k <= the eligible experts topk_groups * E / num_groups "
                          f"({topk_groups * group_size}), got {k}")
     renormalize = check_bool(renormalize, "renormalize")
     scaling_factor = check_number(scaling_factor, "scaling_factor")
+    if abs(scaling_factor) > FLOAT32_MAX:
+        raise ValueError(f"scaling_factor: expected |scaling_factor| <= {FLOAT32_MAX:.8g} "
+                         f"(float32 max: the weights are float32), got {scaling_factor:.6g}")
 
     backend = selected_backend(logits, "logits")
+    # The kernels take [T, E] contiguous float32/float16/bfloat16 logits and a contiguous
+    # float32 bias; anything else is converted here, in one copy at most (none when the
+    # input already has that form).
+    x = logits.reshape(-1, num_experts)
+    if x.dtype == torch.float64:
+        x = x.to(torch.float32, memory_format=torch.contiguous_format)
+    else:
+        x = x.contiguous()
+    if bias is not None:
+        bias = bias.to(torch.float32).contiguous()  # a small [E] copy at most
     if backend == "reference":
-        return reference.topk_gating(logits, k, scoring=scoring, bias=bias, num_groups=num_groups,
-                                     topk_groups=topk_groups, group_scoring=group_scoring,
-                                     renormalize=renormalize, scaling_factor=scaling_factor)
-    if torch.is_grad_enabled() and logits.requires_grad:
-        return _TopkGatingFunction.apply(logits, bias, backend, k, scoring, num_groups, topk_groups,
-                                         group_scoring, renormalize, float(scaling_factor))
-    return native_call(backend, "topk_gating", logits, k, renormalize, scoring, bias, num_groups,
-                       topk_groups, group_scoring, float(scaling_factor))
+        weights, ids = reference.topk_gating(x, k, scoring=scoring, bias=bias, num_groups=num_groups,
+                                             topk_groups=topk_groups, group_scoring=group_scoring,
+                                             renormalize=renormalize, scaling_factor=scaling_factor)
+    elif torch.is_grad_enabled() and x.requires_grad:
+        weights, ids = _TopkGatingFunction.apply(x, bias, backend, k, scoring, num_groups,
+                                                 topk_groups, group_scoring, renormalize,
+                                                 float(scaling_factor))
+    else:
+        weights, ids = native_call(backend, "topk_gating", x, k, renormalize, scoring, bias,
+                                   num_groups, topk_groups, group_scoring, float(scaling_factor))
+    return weights.reshape(*leading, k), ids.reshape(*leading, k)
 
 
 def _check_ids(ids, name="ids"):

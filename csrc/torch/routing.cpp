@@ -1,6 +1,10 @@
 #include "../kernels/routing/routing.h"
 
+#include <algorithm>
+#include <cmath>
+#include <limits>
 #include <numeric>
+#include <optional>
 
 #include "common.h"
 
@@ -9,9 +13,38 @@ namespace moe {
 namespace {
 Scoring parse_scoring(const std::string& scoring) {
   if (scoring == "softmax") return Scoring::softmax;
-  MOE_CHECK_VALUE(scoring == "sigmoid", "scoring", "expected 'softmax' or 'sigmoid', got '",
-                  scoring, "'");
-  return Scoring::sigmoid;
+  if (scoring == "sigmoid") return Scoring::sigmoid;
+  MOE_CHECK_VALUE(scoring == "sqrtsoftplus", "scoring",
+                  "expected 'softmax', 'sigmoid' or 'sqrtsoftplus', got '", scoring, "'");
+  return Scoring::sqrtsoftplus;
+}
+
+// group_scoring: "max" (n = 1), "top{n}_sum" (n >= 1, e.g. "top2_sum"); returns n.
+int64_t parse_group_topn(const std::string& group_scoring) {
+  if (group_scoring == "max") return 1;
+  const std::string prefix = "top", suffix = "_sum";
+  int64_t n = 0;
+  bool ok = group_scoring.size() > prefix.size() + suffix.size() &&
+            group_scoring.compare(0, prefix.size(), prefix) == 0 &&
+            group_scoring.compare(group_scoring.size() - suffix.size(), suffix.size(), suffix) == 0;
+  if (ok) {
+    const std::string digits =
+        group_scoring.substr(prefix.size(), group_scoring.size() - prefix.size() - suffix.size());
+    ok = digits.size() <= 9 && digits[0] != '0';
+    for (const char ch : digits) ok = ok && ch >= '0' && ch <= '9';
+    if (ok) n = std::stoll(digits);
+  }
+  MOE_CHECK_VALUE(ok, "group_scoring", "expected 'max' or 'top{n}_sum' (n >= 1, e.g. 'top2_sum'), got '",
+                  group_scoring, "'");
+  return n;
+}
+
+// The kernels scale in float32: a factor beyond its range would turn every weight into inf.
+void check_scaling_factor(double scaling_factor) {
+  MOE_CHECK_VALUE(std::isfinite(scaling_factor) &&
+                      std::fabs(scaling_factor) <= std::numeric_limits<float>::max(),
+                  "scaling_factor", "expected a finite number with |scaling_factor| <= ",
+                  std::numeric_limits<float>::max(), " (float32 max), got ", scaling_factor);
 }
 
 void check_logits(const at::Tensor& logits) {
@@ -27,7 +60,8 @@ void check_logits(const at::Tensor& logits) {
 std::tuple<at::Tensor, at::Tensor> topk_gating(const at::Tensor& logits, int64_t k,
                                                bool renormalize, const std::string& scoring,
                                                const std::optional<at::Tensor>& bias,
-                                               int64_t num_groups, int64_t topk_groups,
+                                               int64_t num_groups,
+                                               std::optional<int64_t> topk_groups_arg,
                                                const std::string& group_scoring,
                                                double scaling_factor) {
   check_logits(logits);
@@ -35,8 +69,8 @@ std::tuple<at::Tensor, at::Tensor> topk_gating(const at::Tensor& logits, int64_t
   const int64_t num_tokens = logits.size(0);
   const int64_t num_experts = logits.size(1);
   const Scoring scoring_kind = parse_scoring(scoring);
-  MOE_CHECK_VALUE(group_scoring == "top2_sum" || group_scoring == "max", "group_scoring",
-                  "expected 'top2_sum' or 'max', got '", group_scoring, "'");
+  const int64_t group_topn = parse_group_topn(group_scoring);
+  check_scaling_factor(scaling_factor);
   if (bias.has_value()) {
     check_input(*bias, "bias", at::kFloat, 1, logits);
     MOE_CHECK_VALUE(bias->size(0) == num_experts, "bias", "expected ", num_experts,
@@ -45,12 +79,13 @@ std::tuple<at::Tensor, at::Tensor> topk_gating(const at::Tensor& logits, int64_t
   MOE_CHECK_VALUE(num_groups >= 1 && num_groups <= num_experts && num_experts % num_groups == 0,
                   "num_groups", "expected a divisor of num_experts (", num_experts, "), got ",
                   num_groups);
-  if (topk_groups < 0) topk_groups = num_groups;  // default: every group stays eligible
+  // Absent: every group stays eligible. A value is checked as given (no negative default).
+  const int64_t topk_groups = topk_groups_arg.value_or(num_groups);
   MOE_CHECK_VALUE(topk_groups >= 1 && topk_groups <= num_groups, "topk_groups",
                   "expected 1 <= topk_groups <= num_groups (", num_groups, "), got ", topk_groups);
   const int64_t group_size = num_experts / num_groups;
-  MOE_CHECK_VALUE(num_groups == 1 || group_scoring != "top2_sum" || group_size >= 2,
-                  "group_scoring", "'top2_sum' needs at least 2 experts per group, got ",
+  MOE_CHECK_VALUE(num_groups == 1 || group_topn <= group_size, "group_scoring", "'",
+                  group_scoring, "' needs at least ", group_topn, " experts per group, got ",
                   group_size);
   MOE_CHECK_VALUE(k >= 1 && k <= num_experts, "k", "expected 1 <= k <= num_experts (",
                   num_experts, "), got ", k);
@@ -70,7 +105,7 @@ std::tuple<at::Tensor, at::Tensor> topk_gating(const at::Tensor& logits, int64_t
   p.bias = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   p.num_groups = static_cast<int>(num_groups);
   p.topk_groups = static_cast<int>(topk_groups);
-  p.group_scoring = group_scoring == "max" ? GroupScoring::max : GroupScoring::top2_sum;
+  p.group_topn = static_cast<int>(std::min(group_topn, group_size));
   p.renormalize = renormalize;
   p.scaling_factor = static_cast<float>(scaling_factor);
   p.weights = weights.data_ptr<float>();
@@ -83,6 +118,7 @@ at::Tensor topk_gating_backward(const at::Tensor& grad_weights, const at::Tensor
                                 const at::Tensor& ids, const std::string& scoring,
                                 bool renormalize, double scaling_factor) {
   check_logits(logits);
+  check_scaling_factor(scaling_factor);
   check_input(ids, "ids", at::kInt, 2, logits);
   MOE_CHECK_VALUE(ids.size(0) == logits.size(0) && ids.size(1) >= 1 &&
                       ids.size(1) <= logits.size(1),
@@ -192,7 +228,7 @@ std::tuple<at::Tensor, at::Tensor> hash_gating(const at::Tensor& token_ids, int6
 void register_routing(pybind11::module_& m) {
   m.def("topk_gating", &topk_gating, "Fused top-k gating", py::arg("logits"), py::arg("k"),
         py::arg("renormalize"), py::arg("scoring") = "softmax", py::arg("bias") = py::none(),
-        py::arg("num_groups") = 1, py::arg("topk_groups") = -1,
+        py::arg("num_groups") = 1, py::arg("topk_groups") = py::none(),
         py::arg("group_scoring") = "top2_sum", py::arg("scaling_factor") = 1.0);
   m.def("topk_gating_backward", &topk_gating_backward,
         "Gradient of topk_gating's weights with respect to the logits", py::arg("grad_weights"),

@@ -19,20 +19,52 @@ def selection_order(scores, k, eligible=None):
     return order[..., :k]
 
 
+def log_softplus(x):
+    """log(softplus(x)), finite for every x: below -15, softplus(x) equals e^x to float32
+    precision, so the log is x (softplus itself underflows below -103). The clamp keeps the
+    unused branch finite, so its gradient is 0, not NaN."""
+    safe = torch.nn.functional.softplus(torch.clamp(x, min=-15.0))
+    return torch.where(x < -15.0, x, torch.log(safe))
+
+
+def log_routing_scores(x, scoring):
+    """log of the scores up to a per-row constant (softmax: the logits themselves), finite
+    where the scores underflow to 0."""
+    if scoring == "softmax":
+        return x
+    if scoring == "sigmoid":
+        return torch.nn.functional.logsigmoid(x)
+    return 0.5 * log_softplus(x)
+
+
 def routing_scores(logits, scoring):
-    """float32 scores: softmax over the experts or elementwise sigmoid."""
+    """float32 scores: softmax over the experts, elementwise sigmoid, or elementwise
+    sqrt(softplus(x)) (computed as exp(log(softplus(x)) / 2): right, and with the right
+    gradient, where softplus underflows)."""
     x = logits.float()
-    return torch.softmax(x, dim=-1) if scoring == "softmax" else torch.sigmoid(x)
+    if scoring == "softmax":
+        return torch.softmax(x, dim=-1)
+    if scoring == "sigmoid":
+        return torch.sigmoid(x)
+    return torch.exp(0.5 * log_softplus(x))
 
 
-def group_scores(values, num_groups, group_scoring):
-    """[T, num_groups]: the max, or the sum of the two largest, of each group's values
-    (NaN counts as -inf)."""
+def group_topn(group_scoring):
+    """The n of a group scoring: "max" is 1, "top{n}_sum" is n."""
+    return 1 if group_scoring == "max" else int(group_scoring[3:-4])
+
+
+def group_scores(values, num_groups, topn):
+    """[T, num_groups]: the sum of the `topn` largest values of each group, added largest
+    first (NaN counts as -inf)."""
     grouped = torch.nan_to_num(values, nan=float("-inf"), posinf=float("inf"),
-                               neginf=float("-inf")).view(values.shape[0], num_groups, -1)
-    if group_scoring == "max":
-        return grouped.max(dim=-1).values
-    return grouped.topk(2, dim=-1).values.sum(dim=-1)
+                               neginf=float("-inf")).view(values.shape[0], num_groups,
+                                                          values.shape[1] // num_groups)
+    top = grouped.topk(topn, dim=-1).values
+    total = top[..., 0]
+    for i in range(1, topn):  # in order, as the kernel adds them
+        total = total + top[..., i]
+    return total
 
 
 def topk_gating(logits, k, *, scoring="softmax", bias=None, num_groups=1, topk_groups=None,
@@ -42,21 +74,24 @@ def topk_gating(logits, k, *, scoring="softmax", bias=None, num_groups=1, topk_g
     x = logits.float()
     scores = routing_scores(x, scoring)
     with torch.no_grad():
-        biased = scores + bias if bias is not None else scores
+        biased = scores + bias.float() if bias is not None else scores
         # Without a bias, select on the logits: the scores are monotonic in them, and the
         # logits never round two different values to one score.
         selection = biased if bias is not None else x
         eligible = None
         if num_groups > 1:
-            top_groups = selection_order(group_scores(biased, num_groups, group_scoring),
+            top_groups = selection_order(group_scores(biased, num_groups, group_topn(group_scoring)),
                                          topk_groups or num_groups)
             group_mask = torch.zeros(x.shape[0], num_groups, dtype=torch.bool, device=x.device)
             group_mask.scatter_(1, top_groups, True)
             eligible = group_mask.repeat_interleave(x.shape[1] // num_groups, dim=1)
         ids = selection_order(selection, k, eligible)
-    weights = scores.gather(-1, ids)
     if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+        # s_j / sum_i s_i as a softmax of the log scores: finite (and so is its gradient)
+        # where every chosen score underflows to 0.
+        weights = torch.softmax(log_routing_scores(x.gather(-1, ids), scoring), dim=-1)
+    else:
+        weights = scores.gather(-1, ids)
     weights = weights * scaling_factor
     # A NaN logit makes all of its token's weights NaN (softmax does that by itself).
     nan_rows = torch.isnan(x).any(dim=-1, keepdim=True)

@@ -9,8 +9,8 @@
 
 namespace moe {
 
-enum class Scoring : int { softmax = 0, sigmoid = 1 };
-enum class GroupScoring : int { top2_sum = 0, max = 1 };
+// sqrtsoftplus: sqrt(softplus(x)) (Transformer Engine).
+enum class Scoring : int { softmax = 0, sigmoid = 1, sqrtsoftplus = 2 };
 
 struct TopkGatingParams {
   const void* logits = nullptr;  // [num_tokens, num_experts], dtype, contiguous
@@ -22,7 +22,7 @@ struct TopkGatingParams {
   const float* bias = nullptr;  // [num_experts] or null: added to the scores for selection only
   int num_groups = 1;           // divides num_experts
   int topk_groups = 1;          // groups that stay eligible, <= num_groups
-  GroupScoring group_scoring = GroupScoring::top2_sum;
+  int group_topn = 2;           // group score: sum of its group_topn largest values, <= E / num_groups
   bool renormalize = false;
   float scaling_factor = 1.f;
   float* weights = nullptr;  // [num_tokens, k] out

@@ -16,6 +16,11 @@ __device__ __forceinline__ uint32_t ordered_bits(float x) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
+// The float whose ordered_bits are `bits` (NaN comes back as -inf, -0 as +0).
+__device__ __forceinline__ float ordered_bits_to_float(uint32_t bits) {
+  return __uint_as_float((bits & 0x80000000u) ? (bits & 0x7fffffffu) : ~bits);
+}
+
 // key = ordered_bits(score) << 32 | ~index: larger score first, then lower index. Every
 // real key is > 0 (ordered_bits(-inf) > 0), so 0 means "nothing".
 __device__ __forceinline__ uint64_t selection_key_from_bits(uint32_t bits, uint32_t index) {
@@ -28,8 +33,34 @@ __device__ __forceinline__ uint64_t selection_key(float score, uint32_t index) {
 __device__ __forceinline__ uint32_t key_index(uint64_t key) {
   return 0xffffffffu - static_cast<uint32_t>(key);
 }
+__device__ __forceinline__ float key_value(uint64_t key) {
+  return ordered_bits_to_float(static_cast<uint32_t>(key >> 32));
+}
 
 __device__ __forceinline__ float sigmoidf(float x) { return 1.f / (1.f + expf(-x)); }
+
+// The score functions and their logarithms, written as the reference writes them (torch's
+// CPU formulas) so both round alike. log(sigmoid(x)) = min(x, 0) - log1p(exp(-|x|)) never
+// overflows; it is finite where sigmoid(x) underflows to 0 (x < -88).
+__device__ __forceinline__ float log_sigmoidf(float x) {
+  return fminf(x, 0.f) - log1pf(expf(-fabsf(x)));
+}
+// softplus(x) = log(1 + e^x): torch's threshold 20 (above it the log1p term is below half
+// an ulp of x).
+__device__ __forceinline__ float softplusf(float x) { return x > 20.f ? x : log1pf(expf(x)); }
+// log(softplus(x)): below -15, softplus(x) = e^x (1 - e^x / 2 + ...) equals e^x to float32
+// precision, so the log is x itself (and stays finite where softplus underflows, x < -103).
+__device__ __forceinline__ float log_softplusf(float x) {
+  return x < -15.f ? x : logf(softplusf(x));
+}
+// sqrt(softplus(x)) as exp(log(softplus(x)) / 2): e^(x/2) below -15, where softplus(x)
+// itself would round to a denormal or 0 long before its square root does.
+__device__ __forceinline__ float sqrtsoftplusf(float x) { return expf(0.5f * log_softplusf(x)); }
+// d sqrtsoftplus / dx = sigmoid(x) / (2 sqrt(softplus(x))): below -15 that is e^(x/2) / 2
+// (the quotient of two underflowing values otherwise).
+__device__ __forceinline__ float sqrtsoftplus_gradf(float x) {
+  return x < -15.f ? 0.5f * expf(0.5f * x) : sigmoidf(x) / (2.f * sqrtsoftplusf(x));
+}
 
 namespace routing {
 

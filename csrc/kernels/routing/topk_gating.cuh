@@ -6,13 +6,12 @@
 // registers; chunk c of the row belongs to thread c % TPT, so every load instruction of a
 // group reads consecutive 16-byte chunks (coalesced). Padding slots past E never win.
 //
-// Selection values: without a bias, the logits themselves (softmax and sigmoid are
-// monotonic, and comparing logits is exact where the scores could round to equal values);
+// Selection values: without a bias, the logits themselves (every scoring is monotonic, and comparing logits is exact where the scores could round to equal values);
 // with a bias, score + bias (the score is the softmax probability or the sigmoid).
 //
 // Group-limited routing (num_groups > 1) stages score + bias of the block's tokens in
 // shared memory (no global workspace): one thread per group reduces it to the group
-// score, then topk_groups rounds of a group-wide argmax keep the best groups eligible.
+// score (the sum of its group_topn largest values), then topk_groups rounds of a group-wide argmax keep the best groups eligible.
 //
 // Top-k selection is k rounds of a group-wide argmax over 64-bit keys (selection.cuh) so
 // that one max() picks the larger value and, on a tie, the lower expert index. Only the
@@ -35,8 +34,11 @@ __host__ __device__ constexpr int block_threads() {
 }
 
 // Floats of shared memory per token for group-limited routing: the token's score + bias
-// per expert, then one score per group.
-__host__ __device__ inline int group_smem_floats(int num_experts, int num_groups) { return num_experts + num_groups; }
+// per expert, then one score per group; rounded up to 4 so every token's values start
+// 16-byte aligned (they are stored 16 bytes at a time).
+__host__ __device__ inline int group_smem_floats(int num_experts, int num_groups) {
+  return (num_experts + num_groups + 3) / 4 * 4;
+}
 
 template <typename T, int TPT, int NCHUNK>
 __global__ void __launch_bounds__(block_threads<TPT>())
@@ -113,7 +115,15 @@ __global__ void __launch_bounds__(block_threads<TPT>())
   // glibc). Everything else rounds the same on both (no FMA contraction; see setup.py), so
   // the two can pick different experts only where scores are a few ulp apart; equal inputs
   // still tie, and ties go to the lower index everywhere.
-  auto score = [&](float v) { return softmax ? expf(v - row_max) * inv_sum : sigmoidf(v); };
+  const bool sigmoid = p.scoring == Scoring::sigmoid;
+  auto score = [&](float v) {
+    return softmax ? expf(v - row_max) * inv_sum : sigmoid ? sigmoidf(v) : sqrtsoftplusf(v);
+  };
+  // log(score) up to a constant of the token (softmax: the logit): renormalized weights
+  // are a softmax of these over the chosen experts.
+  auto log_score = [&](float v) {
+    return softmax ? v : sigmoid ? log_sigmoidf(v) : 0.5f * log_softplusf(v);
+  };
 
   // Selection values (see the header comment).
   float sel[VPT];
@@ -145,29 +155,62 @@ __global__ void __launch_bounds__(block_threads<TPT>())
     const int group_size = E / p.num_groups;
     float* token_values = dynamic_smem<float>() + local_token * group_smem_floats(E, p.num_groups);
     float* group_scores = token_values + E;
+    // Each thread stores its chunks' values 16 bytes at a time: a phase of 8 threads then
+    // covers all 32 banks (one float per thread per store would hit banks g * CHUNK: 8-way
+    // conflicts for the 8-float chunks of half types). Threads of 8-float chunks are 32
+    // bytes apart, so g and g + 4 would still share banks: they store their two halves in
+    // opposite orders.
 #pragma unroll
-    for (int s = 0; s < VPT; ++s) {
-      const int e = slot_expert(s);
-      if (e < E) token_values[e] = p.bias != nullptr ? sel[s] : score(x(s));
+    for (int j = 0; j < NCHUNK; ++j) {
+      const int base = (j * TPT + g) * CHUNK;
+      float v[CHUNK];
+#pragma unroll
+      for (int i = 0; i < CHUNK; ++i) {
+        const int s = j * CHUNK + i;
+        v[i] = p.bias != nullptr ? sel[s] : score(x(s));
+      }
+      if (base + CHUNK <= E) {
+        uint4 part[CHUNK / 4];
+#pragma unroll
+        for (int h = 0; h < CHUNK / 4; ++h) {
+          part[h] = make_uint4(__float_as_uint(v[4 * h]), __float_as_uint(v[4 * h + 1]),
+                               __float_as_uint(v[4 * h + 2]), __float_as_uint(v[4 * h + 3]));
+        }
+        if constexpr (CHUNK == 8) {
+          const bool flip = (g >> 2) & 1;
+          store_vec16(token_values + base + (flip ? 4 : 0), flip ? part[1] : part[0]);
+          store_vec16(token_values + base + (flip ? 0 : 4), flip ? part[0] : part[1]);
+        } else {
+          store_vec16(token_values + base, part[0]);
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < CHUNK; ++i) {
+          if (base + i < E) token_values[base + i] = v[i];
+        }
+      }
     }
     __syncthreads();
     for (int n = g; n < p.num_groups; n += TPT) {
       const float* v = token_values + n * group_size;
-      float top1 = -INFINITY, top2 = -INFINITY;  // NaN counts as -inf
-      // Threads scan their groups from staggered starts: group_size is often a multiple of
-      // 32, and same-offset reads would all hit one shared-memory bank. The max and the
-      // top two values do not depend on the order.
-      int i = n % group_size;
-      for (int count = 0; count < group_size; ++count, i = i + 1 == group_size ? 0 : i + 1) {
-        const float value = v[i];
-        if (value > top1) {
-          top2 = top1;
-          top1 = value;
-        } else if (value > top2) {
-          top2 = value;
+      // The sum of the group_topn largest values, largest first (NaN counts as -inf):
+      // round r finds the largest key below round r-1's (keys are distinct, so equal
+      // values are each counted). Threads scan their groups from staggered starts:
+      // group_size is often a multiple of 32, and same-offset reads would all hit one
+      // shared-memory bank; the largest key does not depend on the order.
+      float sum = 0.f;
+      uint64_t below = ~0ull;
+      for (int r = 0; r < p.group_topn; ++r) {
+        uint64_t best = 0;
+        int i = n % group_size;
+        for (int count = 0; count < group_size; ++count, i = i + 1 == group_size ? 0 : i + 1) {
+          const uint64_t key = selection_key(v[i], i);
+          if (key < below && key > best) best = key;
         }
+        below = best;
+        sum += key_value(best);  // from the key (NaN -> -inf): no second, scattered read
       }
-      group_scores[n] = p.group_scoring == GroupScoring::max ? top1 : top1 + top2;
+      group_scores[n] = sum;
     }
     __syncthreads();
     // Keys are distinct and chosen in descending order, so after round r every later
@@ -228,25 +271,32 @@ __global__ void __launch_bounds__(block_threads<TPT>())
   }
 
   // Weights: the unbiased scores of the winners, optionally renormalized over them, then
-  // scaled.
-  float scale = p.scaling_factor;
+  // scaled. Renormalized: s_j / sum_i s_i = exp(l_j - m) / sum_i exp(l_i - m) with l the
+  // log scores and m their largest over the winners: finite where every chosen score
+  // underflows to 0 (sigmoid of logits below -88), where s_j / sum_i s_i would be 0 / 0.
+  float shift = 0.f, divisor = 1.f;
   if (p.renormalize) {
+    float chosen_max = -INFINITY;
+#pragma unroll
+    for (int s = 0; s < VPT; ++s) {
+      if ((chosen >> s) & 1u) chosen_max = fmaxf(chosen_max, log_score(x(s)));
+    }
+    shift = group_allreduce<TPT>(chosen_max, MaxOp{}, sum_scratch);
     float chosen_sum = 0.f;
 #pragma unroll
     for (int s = 0; s < VPT; ++s) {
-      if ((chosen >> s) & 1u) chosen_sum += score(x(s));
+      if ((chosen >> s) & 1u) chosen_sum += expf(log_score(x(s)) - shift);
     }
-    chosen_sum = group_allreduce<TPT>(chosen_sum, SumOp{}, sum_scratch);
-    scale = p.scaling_factor / chosen_sum;
+    divisor = group_allreduce<TPT>(chosen_sum, SumOp{}, sum_scratch);
   }
-  if (poisoned) scale = NAN;
   if (!valid) return;
   float* weights = p.weights + token * p.k;
   int32_t* ids = p.ids + token * p.k;
 #pragma unroll
   for (int s = 0; s < VPT; ++s) {
     if ((chosen >> s) & 1u) {
-      weights[rank[s]] = score(x(s)) * scale;
+      const float w = p.renormalize ? expf(log_score(x(s)) - shift) / divisor : score(x(s));
+      weights[rank[s]] = poisoned ? NAN : w * p.scaling_factor;
       ids[rank[s]] = slot_expert(s);
     }
   }
@@ -265,7 +315,10 @@ void launch_config(const TopkGatingParams& p, cudaStream_t stream) {
 }
 
 // Picks the smallest group that covers the row: one chunk per thread for rows of at most
-// 32 chunks (several tokens per warp when small), else four chunks per thread.
+// 32 chunks (several tokens per warp when small), else 16 slots per thread (four float
+// chunks or two half-type chunks). More slots per thread would hold more of the row,
+// selection values and ranks in registers: 32 slots took 139-171 registers (12.5-19%
+// occupancy), 16 stay near 100 (>= 25% at 256 threads).
 template <typename T>
 void launch_typed(const TopkGatingParams& p, cudaStream_t stream) {
   constexpr int CHUNK = Vec16<T>::size;
@@ -278,12 +331,15 @@ void launch_typed(const TopkGatingParams& p, cudaStream_t stream) {
     if (chunks <= 16) return launch_config<T, 16, 1>(p, stream);
     return launch_config<T, 32, 1>(p, stream);
   }
-  const int threads = (chunks + 3) / 4;
-  if (threads <= 16) return launch_config<T, 16, 4>(p, stream);
-  if (threads <= 32) return launch_config<T, 32, 4>(p, stream);
-  if (threads <= 64) return launch_config<T, 64, 4>(p, stream);
-  if (threads <= 128) return launch_config<T, 128, 4>(p, stream);
-  if (threads <= 256) return launch_config<T, 256, 4>(p, stream);
+  constexpr int NCHUNK = 16 / CHUNK;
+  const int threads = (chunks + NCHUNK - 1) / NCHUNK;
+  if constexpr (NCHUNK >= 3) {  // half types have at least 17 threads here
+    if (threads <= 16) return launch_config<T, 16, NCHUNK>(p, stream);
+  }
+  if (threads <= 32) return launch_config<T, 32, NCHUNK>(p, stream);
+  if (threads <= 64) return launch_config<T, 64, NCHUNK>(p, stream);
+  if (threads <= 128) return launch_config<T, 128, NCHUNK>(p, stream);
+  if (threads <= 256) return launch_config<T, 256, NCHUNK>(p, stream);
   throw std::invalid_argument("topk_gating: num_experts above the supported maximum");
 }
 
@@ -294,8 +350,9 @@ void launch_topk_gating(const TopkGatingParams& p, cudaStream_t stream) {
     throw std::invalid_argument("topk_gating: num_experts must be in [1, 4096]");
   }
   if (p.num_groups < 1 || p.num_experts % p.num_groups != 0 || p.topk_groups < 1 ||
-      p.topk_groups > p.num_groups) {
-    throw std::invalid_argument("topk_gating: bad num_groups / topk_groups");
+      p.topk_groups > p.num_groups || p.group_topn < 1 ||
+      p.group_topn > p.num_experts / p.num_groups) {
+    throw std::invalid_argument("topk_gating: bad num_groups / topk_groups / group_topn");
   }
   const int eligible = p.topk_groups * (p.num_experts / p.num_groups);
   if (p.k < 1 || p.k > eligible) throw std::invalid_argument("topk_gating: k must be in [1, eligible experts]");

@@ -12,13 +12,51 @@ namespace routing {
 
 constexpr int kWarpsPerBlock = 4;
 
-// One warp per token. Forward: s_j = score of the j-th chosen expert (softmax probability
-// or sigmoid), S = sum_j s_j, w_j = c * s_j / S (renormalize) or c * s_j. Backward:
-//   dL/ds_j = c * g_j                                 (no renormalize)
-//   dL/ds_j = (c / S) * (g_j - sum_i g_i * s_i / S)   (renormalize)
-//   sigmoid: dL/dx_e = dL/ds_e * s_e * (1 - s_e) at the chosen e, 0 elsewhere;
-//   softmax: dL/dx_e = p_e * (dL/dp_e - sum_j dL/ds_j * s_j) for every e (dL/dp_e = 0
-//            off the chosen experts), so the gradient is dense.
+// Softmax statistics of a row in one pass over it (online: the running sum is rescaled
+// when the running max grows), so the backward reads the row twice, not three times:
+// max and 1 / sum(exp(x - max)). As in two passes, a NaN logit or an infinite max makes
+// the sum NaN. Every lane gets the same bits.
+template <typename T>
+__device__ __forceinline__ void warp_online_softmax_stats(const T* row, int E, float* row_max,
+                                                          float* inv_sum) {
+  const int lane = threadIdx.x % 32;
+  float m = -INFINITY, sum = 0.f;
+  for (int e = lane; e < E; e += 32) {
+    const float v = to_float(row[e]);
+    if (v > m) {
+      sum = sum * expf(m - v) + 1.f;  // m = -inf: sum is still 0
+      m = v;
+    } else if (v != -INFINITY) {  // -inf adds 0 (and -inf - -inf would be NaN)
+      sum += expf(v - m);
+    }
+  }
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) {
+    const float other_m = __shfl_xor_sync(kFullMask, m, offset);
+    const float other_sum = __shfl_xor_sync(kFullMask, sum, offset);
+    const float new_m = fmaxf(m, other_m);
+    // An empty part (sum 0, max -inf) adds nothing, also when both maxes are -inf.
+    sum = (sum == 0.f ? 0.f : sum * expf(m - new_m)) +
+          (other_sum == 0.f ? 0.f : other_sum * expf(other_m - new_m));
+    m = new_m;
+  }
+  if (m == INFINITY || m == -INFINITY) sum = NAN;
+  *row_max = m;
+  *inv_sum = 1.f / sum;
+}
+
+// One warp per token. Forward: s_j = score of the j-th chosen expert, w_j = c * s_j
+// (no renormalize) or c * r_j with r_j = s_j / sum_i s_i (renormalize). Backward:
+//   no renormalize: dL/ds_j = c * g_j, and
+//     sigmoid / sqrtsoftplus: dL/dx_e = dL/ds_e * s'(x_e) at the chosen e, 0 elsewhere;
+//     softmax: dL/dx_e = p_e * (dL/dp_e - sum_j dL/ds_j * s_j) for every e (dL/dp_e = 0
+//              off the chosen experts), so the gradient is dense;
+//   renormalize: r is a softmax of the log scores l_j = log s_j over the chosen experts
+//     (softmax: l = x up to a constant, so the gradient is 0 off the selection), so
+//     dL/dx_e = c * r_e * (g_e - sum_j g_j r_j) * l'(x_e). r comes from the log scores as
+//     in the forward, and nothing divides by sum_i s_i: finite where every s_j underflows.
+//     l' = 1 (softmax), 1 - sigmoid(x) (sigmoid), sigmoid(x) / (2 softplus(x))
+//     (sqrtsoftplus).
 template <typename T>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     topk_gating_backward_kernel(TopkGatingBackwardParams p) {
@@ -27,38 +65,85 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   if (token >= p.num_tokens) return;  // whole warps leave together: no collective is split
   const int E = p.num_experts;
   const bool softmax = p.scoring == Scoring::softmax;
+  const bool sigmoid = p.scoring == Scoring::sigmoid;
   const T* row = static_cast<const T*>(p.logits) + token * E;
   T* grad_row = static_cast<T*>(p.grad_logits) + token * E;
   const int32_t* ids = p.ids + token * p.k;
   const float* grad_w = p.grad_weights + token * p.k;
+  const float c = p.scaling_factor;
 
-  float row_max = 0.f, inv_sum = 1.f;
-  if (softmax) warp_softmax_stats(row, E, &row_max, &inv_sum);
-  auto score = [&](float v) { return softmax ? expf(v - row_max) * inv_sum : sigmoidf(v); };
   auto chosen_id = [&](int j) {  // an id outside [0, E) is skipped (never read or written)
     const int e = ids[j];
     return e >= 0 && e < E ? e : -1;
   };
 
-  // Sums over the chosen experts: S = sum s_j and G = sum g_j * s_j.
-  float s_sum = 0.f, gs_sum = 0.f;
-  for (int j = lane; j < p.k; j += 32) {
-    const int e = chosen_id(j);
-    if (e < 0) continue;
-    const float s = score(to_float(row[e]));
-    s_sum += s;
-    gs_sum += grad_w[j] * s;
+  if (p.renormalize) {
+    auto log_score = [&](float v) {
+      return softmax ? v : sigmoid ? log_sigmoidf(v) : 0.5f * log_softplusf(v);
+    };
+    // r_j = exp(l_j - m) / sum_i exp(l_i - m) (m: the largest chosen l) and G = sum g_j r_j.
+    // A lane keeps the logit of its first slot (j = lane: every slot when k <= 32), so the
+    // three passes read each chosen logit once.
+    float first_x = 0.f;
+    auto chosen_x = [&](int j, int e) { return j == lane ? first_x : to_float(row[e]); };
+    float m = -INFINITY;
+    for (int j = lane; j < p.k; j += 32) {
+      const int e = chosen_id(j);
+      if (e < 0) continue;
+      const float x = to_float(row[e]);
+      if (j == lane) first_x = x;
+      m = fmaxf(m, log_score(x));
+    }
+    m = warp_allreduce<32>(m, MaxOp{});
+    float sum = 0.f, g_sum = 0.f;
+    for (int j = lane; j < p.k; j += 32) {
+      const int e = chosen_id(j);
+      if (e < 0) continue;
+      const float u = expf(log_score(chosen_x(j, e)) - m);
+      sum += u;
+      g_sum += grad_w[j] * u;
+    }
+    sum = warp_allreduce<32>(sum, SumOp{});
+    const float G = warp_allreduce<32>(g_sum, SumOp{}) / sum;
+    for (int e = lane; e < E; e += 32) grad_row[e] = from_float<T>(0.f);
+    __syncwarp();  // orders this warp's stores before the overwrites below
+    for (int j = lane; j < p.k; j += 32) {
+      const int e = chosen_id(j);
+      if (e < 0) continue;
+      // An expert listed in several slots (never by topk_gating, possible in ids a caller
+      // passes) gets the sum over its slots, stored once, by its first slot: two lanes
+      // never store to one element.
+      float dg = 0.f;
+      bool first = true;
+      for (int i = 0; i < p.k && first; ++i) {
+        if (ids[i] != e) continue;
+        if (i < j) first = false;
+        else dg += grad_w[i] - G;
+      }
+      if (!first) continue;
+      const float x = chosen_x(j, e);
+      const float r = expf(log_score(x) - m) / sum;
+      const float dl = softmax ? 1.f
+                       : sigmoid ? sigmoidf(-x)
+                                 : (x < -15.f ? 0.5f : 0.5f * sigmoidf(x) / softplusf(x));
+      grad_row[e] = from_float<T>(c * r * dg * dl);
+    }
+    return;
   }
-  s_sum = warp_allreduce<32>(s_sum, SumOp{});
-  gs_sum = warp_allreduce<32>(gs_sum, SumOp{});
-  const float c = p.scaling_factor;
-  // dL/ds_j = a * g_j + b, the same a and b for every j.
-  const float a = p.renormalize ? c / s_sum : c;
-  const float b = p.renormalize ? -c * gs_sum / (s_sum * s_sum) : 0.f;
-  // For softmax: dot = sum_j dL/ds_j * s_j = a * G + b * S, which is exactly 0 when
-  // renormalizing (the weights are then a softmax over the chosen logits alone): use the
-  // exact value rather than a cancellation that leaves rounding noise off the selection.
-  const float dot = p.renormalize ? 0.f : a * gs_sum;
+
+  float row_max = 0.f, inv_sum = 1.f;
+  if (softmax) warp_online_softmax_stats(row, E, &row_max, &inv_sum);
+  auto score = [&](float v) { return expf(v - row_max) * inv_sum; };  // softmax only
+
+  // softmax: dot = sum_j dL/ds_j * s_j = c * sum_j g_j s_j.
+  float dot = 0.f;
+  if (softmax) {
+    for (int j = lane; j < p.k; j += 32) {
+      const int e = chosen_id(j);
+      if (e >= 0) dot += grad_w[j] * score(to_float(row[e]));
+    }
+    dot = c * warp_allreduce<32>(dot, SumOp{});
+  }
 
   // The off-chosen gradient everywhere, then the chosen experts overwrite theirs.
   for (int e = lane; e < E; e += 32) {
@@ -69,19 +154,25 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   for (int j = lane; j < p.k; j += 32) {
     const int e = chosen_id(j);
     if (e < 0) continue;
-    // An expert listed in several slots (never by topk_gating, possible in ids a caller
-    // passes) gets the sum of their gradients, stored once, by its first slot: two lanes
-    // never store to one element.
+    // Duplicate ids: summed and stored once by the first slot, as above.
     float ds = 0.f;
     bool first = true;
     for (int i = 0; i < p.k && first; ++i) {
       if (ids[i] != e) continue;
       if (i < j) first = false;
-      else ds += a * grad_w[i] + b;
+      else ds += c * grad_w[i];
     }
     if (!first) continue;
-    const float s = score(to_float(row[e]));
-    const float g = softmax ? s * (ds - dot) : ds * s * (1.f - s);
+    const float x = to_float(row[e]);
+    float g;
+    if (softmax) {
+      g = score(x) * (ds - dot);
+    } else if (sigmoid) {
+      const float s = sigmoidf(x);
+      g = ds * s * (1.f - s);
+    } else {
+      g = ds * sqrtsoftplus_gradf(x);
+    }
     grad_row[e] = from_float<T>(g);
   }
 }
