@@ -112,14 +112,16 @@ at::Tensor topk_gating_backward(const at::Tensor& grad_weights, const at::Tensor
 
 at::Tensor router_stats(const at::Tensor& ids, int64_t num_experts) {
   check_device(ids, "ids");
-  check_dtype(ids, at::kInt, "ids");
+  MOE_CHECK_TYPE(ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong, "ids",
+                 "expected dtype int32 or int64, got ", ids.scalar_type());
   check_contiguous(ids, "ids");
   MOE_CHECK_VALUE(num_experts >= 1 && num_experts <= kMaxCountedExperts, "num_experts",
                   "expected 1 <= num_experts <= ", kMaxCountedExperts, ", got ", num_experts);
   const c10::DeviceGuard guard(ids.device());
   at::Tensor counts = at::zeros({num_experts}, ids.options().dtype(at::kInt));
   RouterStatsParams p;
-  p.ids = ids.data_ptr<int32_t>();
+  p.ids = ids.data_ptr();
+  p.ids_are_64bit = ids.scalar_type() == at::kLong;
   p.n = ids.numel();
   p.num_experts = static_cast<int>(num_experts);
   p.counts = counts.data_ptr<int32_t>();

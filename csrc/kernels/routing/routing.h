@@ -45,7 +45,8 @@ struct TopkGatingBackwardParams {
 };
 
 struct RouterStatsParams {
-  const int32_t* ids = nullptr;  // [n] expert ids; ids outside [0, num_experts) are not counted
+  const void* ids = nullptr;  // [n] expert ids, int32 or int64; ids outside [0, num_experts) are not counted
+  bool ids_are_64bit = false;
   int64_t n = 0;
   int num_experts = 0;
   int32_t* counts = nullptr;  // [num_experts] out (zeroed by the launcher's caller)
