@@ -180,7 +180,7 @@ def _logit_rows(logits):
     if not 1 <= num_experts <= MAX_EXPERTS:
         raise ValueError(f"logits: expected 1 to {MAX_EXPERTS} experts (last dimension), "
                          f"got {num_experts}")
-    rows = logits.reshape(-1, num_experts)
+    rows = logits.reshape(logits.shape[:-1].numel(), num_experts)
     if rows.dtype == torch.float64:
         rows = rows.float()
     return rows.contiguous(), num_experts
@@ -194,7 +194,7 @@ def _id_rows(ids, logits, num_experts):
     if ids.dim() != logits.dim() or ids.shape[:-1] != logits.shape[:-1]:
         raise ValueError(f"ids: expected shape [..., k] with the leading dimensions of logits "
                          f"{tuple(logits.shape[:-1])}, got {tuple(ids.shape)}")
-    return ids.reshape(-1, ids.shape[-1]).contiguous()
+    return ids.reshape(ids.shape[:-1].numel(), ids.shape[-1]).contiguous()
 
 
 def _check_num_experts(num_experts, logits_experts):
