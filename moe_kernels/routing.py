@@ -412,6 +412,13 @@ def expert_choice_gating(logits, capacity):
         on every backend (a PyTorch backward on cuda/simt); padding slots carry no gradient.
         A token whose row has a NaN or a +inf logit (or only -inf logits) has NaN
         probabilities, as ``torch.softmax`` gives.
+
+    Notes
+    -----
+    On cuda/simt, two kernels: the first writes the probabilities transposed into an
+    ``[E, T]`` float32 scratch (4 bytes per logit, freed on return) with coalesced reads and
+    writes; the second (one block per expert) selects from its contiguous column, staged
+    in shared memory up to 12288 tokens.
     """
     rows, _ = _logit_rows(logits)
     capacity = check_int(capacity, "capacity", 0, 2**31 - 1)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import moe_kernels
-from moe_kernels import reference
-from conftest import device_of, native, run
+from moe_kernels import emulator, reference
+from conftest import device_of, native, needs_observer, run
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 GRID_EXPERTS = [3, 8, 60, 64, 128, 160, 256, 384, 512, 1000, 4096]
@@ -1223,3 +1223,21 @@ def test_bad_sequence_load_balancing_loss(backend):
         run(backend, f, logits, ids.float(), 8, 3)
     with pytest.raises(ValueError, match="ids: expected at least one expert per token"):
         run(backend, f, logits, ids[:, :0], 8, 3)
+
+
+# ----------------------------------------------------------------------------------------
+# Memory traffic of expert choice (the emulator's counters): each kernel moves at most
+# 1.5x its minimum bytes (coalesced; the old kernel read a column strided by E, 23x) with
+# shared-memory accesses at most 2-way bank conflicted.
+
+@pytest.mark.parametrize("experts,k", [(256, 8), (512, 10), (4096, 8)])
+def test_expert_choice_traffic(experts, k):
+    needs_observer()
+    tokens = 64
+    logits = make_logits(tokens, experts, torch.bfloat16, seed=experts)
+    with moe_kernels.use_backend("simt"), emulator.traffic() as rows:
+        moe_kernels.expert_choice_gating(logits, max(1, tokens * k // experts))
+    assert {r["kernel"] for r in rows} == {"expert_choice_probs_kernel", "expert_choice_kernel"}
+    for r in rows:
+        assert r["amplification"] <= 1.5, (r["kernel"], r["amplification"])
+        assert r["max_bank_conflict_ways"] <= 2, (r["kernel"], r["max_bank_conflict_ways"])

@@ -140,14 +140,15 @@ std::tuple<at::Tensor, at::Tensor> expert_choice_gating(const at::Tensor& logits
   const int64_t num_experts = logits.size(1);
   at::Tensor token_idx = at::empty({num_experts, capacity}, logits.options().dtype(at::kInt));
   at::Tensor weights = at::empty({num_experts, capacity}, logits.options().dtype(at::kFloat));
-  at::Tensor row_stats = at::empty({num_tokens, 2}, logits.options().dtype(at::kFloat));
+  // Scratch: the probabilities transposed, 4 bytes per (token, expert).
+  at::Tensor probs = at::empty({num_experts, num_tokens}, logits.options().dtype(at::kFloat));
   ExpertChoiceParams p;
   p.logits = logits.data_ptr();
   p.dtype = float_dtype(logits, "logits");
   p.num_tokens = num_tokens;
   p.num_experts = static_cast<int>(num_experts);
   p.capacity = capacity;
-  p.row_stats = row_stats.data_ptr<float>();
+  p.probs = probs.data_ptr<float>();
   p.token_idx = token_idx.data_ptr<int32_t>();
   p.weights = weights.data_ptr<float>();
   launch_expert_choice_gating(p, current_stream(logits));
