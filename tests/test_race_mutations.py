@@ -44,6 +44,8 @@ def workload():
                                 renormalize=True)
         moe_kernels.router_stats(ids, 40)
         moe_kernels.expert_choice_gating(torch.randn(40, 4, generator=g), 3)
+        # More than one 32x32 tile of probabilities each way (the tile is reused).
+        moe_kernels.expert_choice_gating(torch.randn(33, 40, generator=g), 3)
         # Permutation: one tile, several tiles, and a capacity with drop by weight.
         x = torch.randn(6, 24, generator=g)
         r = moe_kernels.permute(x, ids, 40, weights=w.detach())

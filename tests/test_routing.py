@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import moe_kernels
-from moe_kernels import reference
-from conftest import device_of, native, run
+from moe_kernels import emulator, reference
+from conftest import device_of, native, needs_observer, run
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 GRID_EXPERTS = [3, 8, 60, 64, 128, 160, 256, 384, 512, 1000, 4096]
@@ -1039,8 +1039,8 @@ def test_native_adapter_checks_routing(kwargs, match):
 
 
 @pytest.mark.parametrize("args,error,match", [
-    ((torch.zeros(4, dtype=torch.int64), 8), TypeError, "ids: expected dtype int32"),
-    ((torch.zeros(4, dtype=torch.int32)[::2], 8), ValueError, "ids: expected a contiguous"),
+    ((torch.zeros(4, dtype=torch.int16), 8), TypeError, "ids: expected dtype int32, int64"),
+    ((torch.zeros(4), 8), TypeError, "ids: expected dtype int32, int64"),
     ((torch.zeros(4, dtype=torch.int32), 0), ValueError, "num_experts: expected"),
     ((torch.zeros(4, dtype=torch.int32), 65537), ValueError, "num_experts: expected"),
     (([0, 1], 8), TypeError, "ids: expected a torch.Tensor"),
@@ -1057,22 +1057,24 @@ def test_bad_losses(backend):
     dev = device_of(backend)
     logits, ids = torch.randn(4, 8, device=dev), torch.zeros(4, 2, dtype=torch.int32, device=dev)
     f = moe_kernels.load_balancing_loss
-    with pytest.raises(ValueError, match="logits: expected 6 columns"):
+    with pytest.raises(ValueError, match="logits: expected 6 experts in the last dimension"):
         run(backend, f, logits, ids, 6)
-    with pytest.raises(ValueError, match="ids: expected 4 rows"):
+    with pytest.raises(ValueError, match=r"ids: expected shape \[..., k\] with the leading dimensions of logits \(4,\)"):
         run(backend, f, logits, ids[:3], 8)
-    with pytest.raises(TypeError, match="ids: expected dtype int32"):
-        run(backend, f, logits, ids.long(), 8)
+    with pytest.raises(TypeError, match="ids: expected dtype int32, int64"):
+        run(backend, f, logits, ids.float(), 8)
     with pytest.raises(TypeError, match="alpha: expected a number"):
         run(backend, f, logits, ids, 8, alpha=None)
     with pytest.raises(TypeError, match="logits: expected dtype"):
-        run(backend, f, logits.double(), ids, 8)
+        run(backend, f, logits.int(), ids, 8)
     with pytest.raises(ValueError, match="num_experts: expected"):
         run(backend, f, logits, ids, 0)
-    with pytest.raises(ValueError, match="ids: expected a 2-D tensor"):
+    with pytest.raises(ValueError, match="ids: expected shape"):
         run(backend, f, logits, ids[:, 0].contiguous(), 8)
-    with pytest.raises(ValueError, match="logits: expected a 2-D tensor"):
-        run(backend, moe_kernels.router_z_loss, logits[0])
+    with pytest.raises(ValueError, match="scoring: expected 'softmax' or 'sigmoid'"):
+        run(backend, f, logits, ids, 8, scoring="relu")
+    with pytest.raises(ValueError, match="logits: expected a tensor of shape"):
+        run(backend, moe_kernels.router_z_loss, logits[0, 0])
 
 
 def test_bad_update_routing_bias(backend):
@@ -1099,9 +1101,11 @@ def test_bad_expert_choice(backend):
     with pytest.raises(TypeError, match="capacity: expected an int"):
         run(backend, f, torch.randn(4, 8, device=dev), 2.0)
     with pytest.raises(TypeError, match="logits: expected dtype"):
-        run(backend, f, torch.randn(4, 8, device=dev).double(), 2)
+        run(backend, f, torch.randn(4, 8, device=dev).int(), 2)
     with pytest.raises(ValueError, match="logits: expected 1 to 4096 experts"):
         run(backend, f, torch.randn(4, 0, device=dev), 2)
+    with pytest.raises(ValueError, match="logits: expected a tensor of shape"):
+        run(backend, f, torch.tensor(1.0, device=dev), 2)
 
 
 def test_bad_hash_gating(backend):
@@ -1178,3 +1182,325 @@ def test_native_adapter_checks(logits, k, match):
     """The C++ adapter validates on its own too: a direct call never crashes."""
     with pytest.raises((ValueError, TypeError), match=match):
         native("simt").topk_gating(logits, k, False)
+
+
+# ----------------------------------------------------------------------------------------
+# Expert choice: one gradient contract on every backend, inputs users pass.
+
+def test_expert_choice_backward_matches_reference_autograd(kernel_backend):
+    dev = device_of(kernel_backend)
+    for dtype in DTYPES:
+        logits = make_logits(37, 6, dtype, seed=11)
+        grad_w = torch.randn(6, 9, generator=torch.Generator().manual_seed(3))
+        ref_logits = logits.clone().requires_grad_(True)
+        ref_idx, ref_w = reference.expert_choice_gating(ref_logits, 9)
+        (ref_w * grad_w).sum().backward()
+        x = logits.to(dev).requires_grad_(True)
+        idx, w = run(kernel_backend, moe_kernels.expert_choice_gating, x, 9)
+        assert w.requires_grad and not idx.requires_grad
+        assert torch.equal(idx.cpu(), ref_idx)
+        (w * grad_w.to(dev)).sum().backward()
+        assert x.grad.dtype == dtype
+        torch.testing.assert_close(x.grad.cpu(), ref_logits.grad, **GRAD_TOL[dtype])
+
+
+def test_expert_choice_backward_padding_and_repeats(kernel_backend):
+    # C > T: padding slots (token -1) get gradients that must be ignored; with T < C every
+    # token is taken by every expert, so G sums over all experts of a token.
+    logits = make_logits(3, 4, seed=5)
+    grad_w = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
+    ref_logits = logits.clone().requires_grad_(True)
+    (reference.expert_choice_gating(ref_logits, 6)[1] * grad_w).sum().backward()
+    x = logits.clone().requires_grad_(True)
+    _, w = run(kernel_backend, moe_kernels.expert_choice_gating, x.to(device_of(kernel_backend)), 6)
+    (w * grad_w.to(w.device)).sum().backward()
+    torch.testing.assert_close(x.grad, ref_logits.grad, **GRAD_TOL[torch.float32])
+
+
+def well_separated_logits(tokens, experts, seed):
+    """Logits whose expert-choice selections stay put under a 1e-3 perturbation."""
+    for attempt in range(100):
+        logits = make_logits(tokens, experts, torch.float64, seed=seed + attempt)
+        if naive_expert_choice(logits, 3)[2].min() > 0.02:
+            return logits
+    raise AssertionError("no well separated logits found")
+
+
+def test_expert_choice_gradcheck_float64(backend):
+    # float64 logits are accepted (computed in float32), so finite differences use a
+    # step of 1e-3 and float32-level tolerances.
+    logits = well_separated_logits(5, 3, seed=20).to(device_of(backend)).requires_grad_(True)
+    with moe_kernels.use_backend(backend):
+        assert torch.autograd.gradcheck(lambda x: moe_kernels.expert_choice_gating(x, 3)[1],
+                                        (logits,), eps=1e-3, atol=1e-4, rtol=1e-3)
+
+
+def test_expert_choice_leading_dims_noncontiguous_float64(backend):
+    dev = device_of(backend)
+    logits = make_logits(2 * 7, 5, seed=12).view(2, 7, 5)
+    idx, w = run(backend, moe_kernels.expert_choice_gating, logits.to(dev), 4)
+    ref_idx, ref_w = reference.expert_choice_gating(logits.reshape(14, 5), 4)
+    assert torch.equal(idx.cpu(), ref_idx)  # token b * 7 + s
+    torch.testing.assert_close(w.cpu(), ref_w, **weight_tol())
+    strided = make_logits(5, 14, seed=12).t()  # [14, 5], not contiguous
+    idx, w = run(backend, moe_kernels.expert_choice_gating, strided.to(dev), 4)
+    ref_idx, ref_w = reference.expert_choice_gating(strided.contiguous(), 4)
+    assert torch.equal(idx.cpu(), ref_idx)
+    torch.testing.assert_close(w.cpu(), ref_w, **weight_tol())
+    as_double = logits.double().reshape(14, 5)
+    idx, w = run(backend, moe_kernels.expert_choice_gating, as_double.to(dev), 4)
+    ref_idx, ref_w = reference.expert_choice_gating(as_double.float(), 4)
+    assert torch.equal(idx.cpu(), ref_idx)
+    assert w.dtype == torch.float32
+    torch.testing.assert_close(w.cpu(), ref_w, **weight_tol())
+
+
+def test_softmax_with_inf_logit_is_nan(backend):
+    # Documented: torch.softmax semantics (inf - inf), for both softmax ops.
+    logits = make_logits(4, 6, seed=2)
+    logits[1, 3] = float("inf")
+    dev = device_of(backend)
+    idx, w = run(backend, moe_kernels.expert_choice_gating, logits.to(dev), 4)
+    assert (idx[:, -1].cpu() == 1).all() and torch.isnan(w[:, -1].cpu()).all()
+    assert torch.isfinite(w[:, :-1].cpu()).all()
+    tw, _ = run(backend, moe_kernels.topk_gating, logits.to(dev), 2)
+    assert torch.isnan(tw[1].cpu()).all() and torch.isfinite(tw[[0, 2, 3]].cpu()).all()
+
+
+# ----------------------------------------------------------------------------------------
+# Router statistics: int64 ids, meta tensors, views.
+
+def test_router_stats_int64_ids(backend):
+    logits = make_logits(33, 16, seed=6)
+    ids64 = torch.topk(logits, 4, dim=-1).indices  # int64, what users have
+    ids64[0, 0] = 2**40  # out of range: not counted (never truncated into range)
+    ids64[1, 0] = -(2**40)
+    counts = run(backend, moe_kernels.router_stats, ids64.to(device_of(backend)), 16)
+    naive = Counter(e for e in ids64.flatten().tolist() if 0 <= e < 16)
+    assert counts.dtype == torch.int32
+    assert counts.cpu().tolist() == [naive[e] for e in range(16)]
+
+
+def test_router_stats_noncontiguous(backend):
+    ids = torch.randint(0, 8, (6, 10), dtype=torch.int32, generator=torch.Generator().manual_seed(2))
+    view = ids[:, ::3]
+    counts = run(backend, moe_kernels.router_stats, view.to(device_of(backend)), 8)
+    naive = Counter(view.flatten().tolist())
+    assert counts.cpu().tolist() == [naive[e] for e in range(8)]
+
+
+def test_router_stats_on_meta():
+    for dtype in (torch.int32, torch.int64):
+        counts = moe_kernels.router_stats(torch.zeros(5, 2, dtype=dtype, device="meta"), 12)
+        assert counts.device.type == "meta" and counts.shape == (12,) and counts.dtype == torch.int32
+
+
+def test_native_router_stats_int64():
+    ids = torch.tensor([0, 3, 3, -1, 2**33 + 3, 7], dtype=torch.int64)
+    assert native("simt").router_stats(ids, 4).tolist() == [1, 0, 0, 2]
+
+
+# ----------------------------------------------------------------------------------------
+# update_routing_bias with non-finite counts.
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_update_routing_bias_nonfinite_counts(backend, bad):
+    dev = device_of(backend)
+    bias = torch.zeros(4, device=dev)
+    counts = torch.tensor([1.0, bad, 3.0, 4.0], device=dev)
+    if dev == "cpu":
+        with pytest.raises(ValueError, match="counts: expected finite counts"):
+            run(backend, moe_kernels.update_routing_bias, bias, counts, 0.1)
+        assert bias.tolist() == [0.0] * 4  # untouched
+    else:
+        run(backend, moe_kernels.update_routing_bias, bias, counts, 0.1)
+        assert torch.isnan(bias.cpu()).all()
+
+
+def test_update_routing_bias_no_host_sync_on_meta():
+    # Off the CPU the check must not synchronize (bool() of a meta tensor would raise).
+    bias = torch.zeros(4, device="meta")
+    moe_kernels.update_routing_bias(bias, torch.zeros(4, device="meta"), 0.1)
+
+
+# ----------------------------------------------------------------------------------------
+# Losses: leading dims, int64 ids, float64, sigmoid scoring, Hugging Face's formula and
+# DeepSeek-V3's sequence-wise loss.
+
+def naive_balance_scores(logits, scoring):
+    """float64 s'[t][i] per token, Python loops: softmax, or sigmoid / sum of sigmoids."""
+    out = []
+    for row in logits.double().tolist():
+        if scoring == "softmax":
+            m = max(row)
+            e = [math.exp(v - m) for v in row]
+        else:
+            e = [1.0 / (1.0 + math.exp(-v)) for v in row]
+        out.append([v / sum(e) for v in e])
+    return out
+
+
+def naive_load_balancing_loss(logits, ids, num_experts, alpha, scoring):
+    s = naive_balance_scores(logits, scoring)
+    flat = [e for row in ids.tolist() for e in row]
+    f = [flat.count(i) / len(flat) for i in range(num_experts)]
+    P = [sum(r[i] for r in s) / len(s) for i in range(num_experts)]
+    return alpha * num_experts * sum(f[i] * P[i] for i in range(num_experts))
+
+
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+def test_load_balancing_loss_scorings_match_naive(backend, scoring):
+    logits = make_logits(30, 12, seed=21)
+    _, ids = reference.topk_gating(logits, 3, scoring=scoring)
+    dev = device_of(backend)
+    x = logits.clone().to(dev).requires_grad_(True)
+    loss = run(backend, moe_kernels.load_balancing_loss, x, ids.to(dev), 12, 0.3, scoring=scoring)
+    expected = naive_load_balancing_loss(logits, ids, 12, 0.3, scoring)
+    assert loss.dtype == torch.float32 and loss.item() == pytest.approx(expected, rel=1e-5)
+    loss.backward()
+    # Gradient against float64 autograd of the same formula.
+    x64 = logits.double().requires_grad_(True)
+    scores = torch.softmax(x64, -1) if scoring == "softmax" else torch.sigmoid(x64)
+    scores = scores / scores.sum(-1, keepdim=True)
+    f = torch.bincount(ids.long().flatten(), minlength=12).double() / ids.numel()
+    (0.3 * 12 * (f * scores.mean(0)).sum()).backward()
+    torch.testing.assert_close(x.grad.cpu().double(), x64.grad, rtol=1e-4, atol=1e-8)
+
+
+def test_load_balancing_loss_accepts_user_inputs(backend):
+    dev = device_of(backend)
+    logits = make_logits(2 * 9, 8, seed=22)
+    ids64 = torch.topk(logits, 2, dim=-1).indices  # int64
+    expected = naive_load_balancing_loss(logits, ids64, 8, 0.1, "softmax")
+    cases = [(logits.view(2, 9, 8), ids64.view(2, 9, 2)),        # leading dims, int64 ids
+             (logits.double(), ids64.int()),                     # float64 logits
+             (logits.t().contiguous().t(), ids64.t().contiguous().t())]  # non-contiguous
+    for x, ids in cases:
+        loss = run(backend, moe_kernels.load_balancing_loss, x.to(dev), ids.to(dev), 8, 0.1)
+        assert loss.dtype == torch.float32 and loss.item() == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="ids: expected shape"):
+        run(backend, moe_kernels.load_balancing_loss, logits.view(2, 9, 8).to(dev),
+            ids64.to(dev), 8)
+
+
+def test_router_z_loss_accepts_user_inputs(backend):
+    dev = device_of(backend)
+    logits = make_logits(12, 10, seed=9)
+    expected = torch.logsumexp(logits.double(), -1).square().mean().item()
+    for x in (logits.view(3, 4, 10), logits.t().contiguous().t(), logits.double()):
+        loss = run(backend, moe_kernels.router_z_loss, x.to(dev))
+        assert loss.dtype == torch.float32 and loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_hugging_face_loss_is_k_times_switch_loss(backend):
+    # transformers' load_balancing_loss_func (Mixtral; no attention mask), by hand:
+    #   routing_weights = softmax(gate_logits); selected = topk(routing_weights, k)
+    #   expert_mask = one_hot(selected, E)                 # [T, k, E]
+    #   tokens_per_expert = mean(expert_mask, dim=0)       # [k, E], over tokens only
+    #   router_prob_per_expert = mean(routing_weights, 0)  # [E]
+    #   loss = sum(tokens_per_expert * router_prob_per_expert) * E
+    E, k = 8, 2
+    logits = make_logits(50, E, seed=23)
+    routing_weights = torch.softmax(logits.double(), dim=-1)
+    selected = torch.topk(routing_weights, k, dim=-1).indices
+    expert_mask = torch.nn.functional.one_hot(selected, E).double()
+    tokens_per_expert = expert_mask.mean(dim=0)
+    hf = (tokens_per_expert * routing_weights.mean(dim=0).unsqueeze(0)).sum() * E
+    dev = device_of(backend)
+    ours = run(backend, moe_kernels.load_balancing_loss, logits.to(dev), selected.to(dev), E, 1.0)
+    assert hf.item() == pytest.approx(k * ours.item(), rel=1e-5)
+    assert hf.item() != pytest.approx(ours.item(), rel=1e-2)  # the factor k is real
+
+
+def naive_sequence_loss(logits, ids, num_experts, seq_len, alpha, scoring):
+    """DeepSeek-V3 eqs. (17)-(20), one sequence at a time, Python loops in float64."""
+    s = naive_balance_scores(logits, scoring)
+    rows = ids.tolist()
+    k = len(rows[0])
+    total = 0.0
+    sequences = len(rows) // seq_len
+    for q in range(sequences):
+        tokens = range(q * seq_len, (q + 1) * seq_len)
+        loss = 0.0
+        for i in range(num_experts):
+            f = num_experts / (k * seq_len) * sum(rows[t].count(i) for t in tokens)
+            P = sum(s[t][i] for t in tokens) / seq_len
+            loss += f * P
+        total += loss
+    return alpha * total / sequences
+
+
+@pytest.mark.parametrize("scoring", ["sigmoid", "softmax"])
+def test_sequence_load_balancing_loss_matches_naive(backend, scoring):
+    dev = device_of(backend)
+    B, S, E, k = 3, 10, 16, 4
+    logits = make_logits(B * S, E, seed=24)
+    _, ids = reference.topk_gating(logits, k, scoring=scoring)
+    expected = naive_sequence_loss(logits, ids, E, S, 0.01, scoring)
+    x = logits.view(B, S, E).to(dev).requires_grad_(True)
+    loss = run(backend, moe_kernels.sequence_load_balancing_loss, x, ids.view(B, S, k).long().to(dev),
+               E, S, 0.01, scoring=scoring)
+    assert loss.dtype == torch.float32 and loss.item() == pytest.approx(expected, rel=1e-5)
+    # A different sequence length changes the loss (sequences are really separate).
+    other = run(backend, moe_kernels.sequence_load_balancing_loss, logits.to(dev), ids.to(dev),
+                E, 5, 0.01, scoring=scoring)
+    assert other.item() == pytest.approx(naive_sequence_loss(logits, ids, E, 5, 0.01, scoring), rel=1e-5)
+    assert other.item() != pytest.approx(loss.item(), rel=1e-4)
+    # Gradient against float64 autograd of the loop's formula (f constant).
+    loss.backward()
+    x64 = logits.double().requires_grad_(True)
+    sc = torch.softmax(x64, -1) if scoring == "softmax" else torch.sigmoid(x64)
+    sc = sc / sc.sum(-1, keepdim=True)
+    total = 0
+    for q in range(B):
+        part = slice(q * S, (q + 1) * S)
+        f = torch.bincount(ids[part].long().flatten(), minlength=E).double() * E / (k * S)
+        total = total + (f * sc[part].mean(0)).sum()
+    (0.01 * total / B).backward()
+    torch.testing.assert_close(x.grad.cpu().double().view(B * S, E), x64.grad, rtol=1e-4, atol=1e-9)
+
+
+def test_sequence_load_balancing_loss_balanced_is_alpha(backend):
+    # Every expert chosen equally often in each sequence, uniform scores: loss = alpha.
+    dev = device_of(backend)
+    E, k, S = 8, 2, 4
+    ids = (torch.arange(2 * S * k) % E).view(2 * S, k).to(dev)
+    loss = run(backend, moe_kernels.sequence_load_balancing_loss, torch.zeros(2 * S, E, device=dev),
+               ids, E, S, 0.5)
+    assert loss.item() == pytest.approx(0.5)
+
+
+def test_bad_sequence_load_balancing_loss(backend):
+    dev = device_of(backend)
+    logits, ids = torch.randn(6, 8, device=dev), torch.zeros(6, 2, dtype=torch.int32, device=dev)
+    f = moe_kernels.sequence_load_balancing_loss
+    with pytest.raises(ValueError, match="seq_len: expected a divisor of the number of tokens"):
+        run(backend, f, logits, ids, 8, 4)
+    with pytest.raises(ValueError, match="seq_len: expected"):
+        run(backend, f, logits, ids, 8, 0)
+    with pytest.raises(ValueError, match="scoring: expected"):
+        run(backend, f, logits, ids, 8, 3, scoring="relu")
+    with pytest.raises(ValueError, match="logits: expected 6 experts"):
+        run(backend, f, logits, ids, 6, 3)
+    with pytest.raises(TypeError, match="ids: expected dtype"):
+        run(backend, f, logits, ids.float(), 8, 3)
+    with pytest.raises(ValueError, match="ids: expected at least one expert per token"):
+        run(backend, f, logits, ids[:, :0], 8, 3)
+
+
+# ----------------------------------------------------------------------------------------
+# Memory traffic of expert choice (the emulator's counters): each kernel moves at most
+# 1.5x its minimum bytes (coalesced; the old kernel read a column strided by E, 23x) with
+# shared-memory accesses at most 2-way bank conflicted.
+
+@pytest.mark.parametrize("experts,k", [(256, 8), (512, 10), (4096, 8)])
+def test_expert_choice_traffic(experts, k):
+    needs_observer()
+    tokens = 64
+    logits = make_logits(tokens, experts, torch.bfloat16, seed=experts)
+    with moe_kernels.use_backend("simt"), emulator.traffic() as rows:
+        moe_kernels.expert_choice_gating(logits, max(1, tokens * k // experts))
+    assert {r["kernel"] for r in rows} == {"expert_choice_probs_kernel", "expert_choice_kernel"}
+    for r in rows:
+        assert r["amplification"] <= 1.5, (r["kernel"], r["amplification"])
+        assert r["max_bank_conflict_ways"] <= 2, (r["kernel"], r["max_bank_conflict_ways"])

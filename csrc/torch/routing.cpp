@@ -148,14 +148,16 @@ at::Tensor topk_gating_backward(const at::Tensor& grad_weights, const at::Tensor
 
 at::Tensor router_stats(const at::Tensor& ids, int64_t num_experts) {
   check_device(ids, "ids");
-  check_dtype(ids, at::kInt, "ids");
+  MOE_CHECK_TYPE(ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong, "ids",
+                 "expected dtype int32 or int64, got ", ids.scalar_type());
   check_contiguous(ids, "ids");
   MOE_CHECK_VALUE(num_experts >= 1 && num_experts <= kMaxCountedExperts, "num_experts",
                   "expected 1 <= num_experts <= ", kMaxCountedExperts, ", got ", num_experts);
   const c10::DeviceGuard guard(ids.device());
   at::Tensor counts = at::zeros({num_experts}, ids.options().dtype(at::kInt));
   RouterStatsParams p;
-  p.ids = ids.data_ptr<int32_t>();
+  p.ids = ids.data_ptr();
+  p.ids_are_64bit = ids.scalar_type() == at::kLong;
   p.n = ids.numel();
   p.num_experts = static_cast<int>(num_experts);
   p.counts = counts.data_ptr<int32_t>();
@@ -174,14 +176,15 @@ std::tuple<at::Tensor, at::Tensor> expert_choice_gating(const at::Tensor& logits
   const int64_t num_experts = logits.size(1);
   at::Tensor token_idx = at::empty({num_experts, capacity}, logits.options().dtype(at::kInt));
   at::Tensor weights = at::empty({num_experts, capacity}, logits.options().dtype(at::kFloat));
-  at::Tensor row_stats = at::empty({num_tokens, 2}, logits.options().dtype(at::kFloat));
+  // Scratch: the probabilities transposed, 4 bytes per (token, expert).
+  at::Tensor probs = at::empty({num_experts, num_tokens}, logits.options().dtype(at::kFloat));
   ExpertChoiceParams p;
   p.logits = logits.data_ptr();
   p.dtype = float_dtype(logits, "logits");
   p.num_tokens = num_tokens;
   p.num_experts = static_cast<int>(num_experts);
   p.capacity = capacity;
-  p.row_stats = row_stats.data_ptr<float>();
+  p.probs = probs.data_ptr<float>();
   p.token_idx = token_idx.data_ptr<int32_t>();
   p.weights = weights.data_ptr<float>();
   launch_expert_choice_gating(p, current_stream(logits));

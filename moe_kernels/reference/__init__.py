@@ -4,9 +4,10 @@ kernels, bit for bit in the integer outputs; floating-point outputs within the t
 stated in the tests."""
 
 from .permute import permute, permute_num_rows_bound, unpermute
-from .routing import (expert_choice_gating, group_scores, hash_gating, hash_multiplier,
-                      router_stats, routing_scores, selection_order, topk_gating)
+from .routing import (balance_scores, expert_choice_gating, group_scores, hash_gating,
+                      hash_multiplier, router_stats, routing_scores, selection_order,
+                      sequence_load_balancing_loss, topk_gating)
 
-__all__ = ["expert_choice_gating", "group_scores", "hash_gating", "hash_multiplier", "permute",
-           "permute_num_rows_bound", "router_stats", "routing_scores", "selection_order", "topk_gating",
-           "unpermute"]
+__all__ = ["balance_scores", "expert_choice_gating", "group_scores", "hash_gating", "hash_multiplier", "permute",
+           "permute_num_rows_bound", "router_stats", "routing_scores", "selection_order",
+           "sequence_load_balancing_loss", "topk_gating", "unpermute"]

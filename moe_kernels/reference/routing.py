@@ -101,10 +101,40 @@ def topk_gating(logits, k, *, scoring="softmax", bias=None, num_groups=1, topk_g
 
 def router_stats(ids, num_experts):
     """int32 [num_experts]: how many entries of `ids` name each expert (ids outside
-    [0, num_experts) are not counted)."""
+    [0, num_experts) are not counted). Shapes only depend on the arguments, so it runs on
+    the meta device too."""
     flat = ids.reshape(-1).long()
-    valid = flat[(flat >= 0) & (flat < num_experts)]
-    return torch.bincount(valid, minlength=num_experts).to(torch.int32)
+    valid = (flat >= 0) & (flat < num_experts)
+    # Uncounted ids go to one extra bin past the end, dropped after the sum.
+    bins = torch.where(valid, flat, num_experts)
+    counts = torch.zeros(num_experts + 1, dtype=torch.int32, device=ids.device)
+    counts.scatter_add_(0, bins, torch.ones_like(bins, dtype=torch.int32))
+    return counts[:num_experts]
+
+
+def balance_scores(logits, scoring):
+    """float32 [T, E] scores normalized to sum 1 over the experts, the P_i of the balance
+    losses: softmax probabilities, or sigmoid scores divided by their sum."""
+    scores = routing_scores(logits, scoring)
+    return scores if scoring == "softmax" else scores / scores.sum(dim=-1, keepdim=True)
+
+
+def sequence_load_balancing_loss(logits, ids, num_experts, seq_len, alpha, scoring="sigmoid"):
+    """DeepSeek-V3's sequence-wise balance loss. See moe_kernels.sequence_load_balancing_loss.
+    `logits` [T, E], `ids` [T, k], seq_len divides T."""
+    num_tokens, k = ids.shape
+    num_sequences = num_tokens // seq_len
+    flat = ids.long()
+    valid = (flat >= 0) & (flat < num_experts)
+    sequence = torch.arange(num_tokens, device=ids.device).div(seq_len, rounding_mode="floor")
+    # Per (sequence, expert) assignment counts; uncounted ids go to an extra column.
+    bins = sequence.unsqueeze(1) * (num_experts + 1) + torch.where(valid, flat, num_experts)
+    counts = torch.zeros(num_sequences * (num_experts + 1), dtype=torch.float32, device=ids.device)
+    counts.scatter_add_(0, bins.reshape(-1), torch.ones(bins.numel(), device=ids.device))
+    counts = counts.view(num_sequences, num_experts + 1)[:, :num_experts]
+    f = counts * (num_experts / (k * seq_len))
+    p = balance_scores(logits, scoring).view(num_sequences, seq_len, num_experts).mean(dim=1)
+    return alpha * (f * p).sum(dim=-1).mean()
 
 
 def expert_choice_gating(logits, capacity):

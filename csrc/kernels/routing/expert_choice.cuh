@@ -10,19 +10,78 @@
 namespace moe {
 namespace routing {
 
-constexpr int kChoiceWarpsPerBlock = 4;  // softmax_row_stats_kernel: one warp per token
+// Expert choice, pass 1: the softmax probabilities, written transposed ([E, T]) so that
+// pass 2 reads each expert's column contiguously. A block takes a tile of 32 tokens:
+// softmax max and 1/sum per token (one warp per token, one read of the row), then 32x32
+// tiles of probabilities through shared memory, read along the tokens' rows and written
+// along the experts' columns (both coalesced). The logits are read twice in all.
+constexpr int kProbTile = 32;                        // tokens (and experts) per tile
+constexpr int kProbWarps = 8;                        // warps per block
+constexpr int kProbRowsPerWarp = kProbTile / kProbWarps;
 
-// Expert choice, pass 1: softmax max and 1/sum of each token's row (one warp per token).
+// Softmax max and 1/sum of a row in one pass (online rescaling of the running sum). As in
+// the two-pass form, a NaN or +inf logit, or a row of only -inf, gives NaN.
 template <typename T>
-__global__ void __launch_bounds__(kChoiceWarpsPerBlock * 32) softmax_row_stats_kernel(ExpertChoiceParams p) {
-  const int64_t token = static_cast<int64_t>(blockIdx.x) * kChoiceWarpsPerBlock + threadIdx.x / 32;
-  if (token >= p.num_tokens) return;
-  const T* row = static_cast<const T*>(p.logits) + token * p.num_experts;
-  float row_max, inv_sum;
-  warp_softmax_stats(row, p.num_experts, &row_max, &inv_sum);
-  if (threadIdx.x % 32 == 0) {
-    p.row_stats[2 * token] = row_max;
-    p.row_stats[2 * token + 1] = inv_sum;
+__device__ __forceinline__ void warp_softmax_stats_one_pass(const T* row, int E, float* row_max,
+                                                            float* inv_sum) {
+  const int lane = threadIdx.x % 32;
+  float m = -INFINITY, s = 0.f;
+  for (int e = lane; e < E; e += 32) {
+    const float x = to_float(row[e]);
+    if (x > m) {
+      s = s * expf(m - x) + 1.f;
+      m = x;
+    } else {
+      s += expf(x - m);
+    }
+  }
+  const float mx = warp_allreduce<32>(m, MaxOp{});
+  // A lane that saw no element (E < 32) adds 0 (0 * expf(-inf) = 0) unless the row max is
+  // -inf too, and then the row is NaN anyway.
+  const float sum = warp_allreduce<32>(s > 0.f ? s * expf(m - mx) : s, SumOp{});
+  *row_max = mx;
+  *inv_sum = 1.f / sum;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kProbWarps * 32) expert_choice_probs_kernel(ExpertChoiceParams p) {
+  __shared__ float row_max[kProbTile];
+  __shared__ float row_inv_sum[kProbTile];
+  __shared__ float tile[kProbTile][kProbTile + 1];  // +1: column reads hit 32 banks
+  const T* logits = static_cast<const T*>(p.logits);
+  const int64_t T0 = static_cast<int64_t>(blockIdx.x) * kProbTile;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int i = warp; i < kProbTile; i += kProbWarps) {
+    const int64_t t = T0 + i;
+    if (t < p.num_tokens) {  // warp-uniform
+      float mx, inv;
+      warp_softmax_stats_one_pass(logits + t * p.num_experts, p.num_experts, &mx, &inv);
+      if (lane == 0) {
+        row_max[i] = mx;
+        row_inv_sum[i] = inv;
+      }
+    }
+  }
+  __syncthreads();
+  for (int e0 = 0; e0 < p.num_experts; e0 += kProbTile) {
+#pragma unroll
+    for (int r = 0; r < kProbRowsPerWarp; ++r) {  // rows: tokens, lanes: experts
+      const int i = warp + r * kProbWarps;
+      const int64_t t = T0 + i;
+      const int e = e0 + lane;
+      if (t < p.num_tokens && e < p.num_experts) {
+        tile[i][lane] = expf(to_float(logits[t * p.num_experts + e]) - row_max[i]) * row_inv_sum[i];
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < kProbRowsPerWarp; ++r) {  // rows: experts, lanes: tokens
+      const int j = warp + r * kProbWarps;
+      const int e = e0 + j;
+      const int64_t t = T0 + lane;
+      if (t < p.num_tokens && e < p.num_experts) p.probs[e * p.num_tokens + t] = tile[lane][j];
+    }
+    __syncthreads();  // the tile is refilled next
   }
 }
 
@@ -30,26 +89,21 @@ __global__ void __launch_bounds__(kChoiceWarpsPerBlock * 32) softmax_row_stats_k
 // in rounds of a block-wide argmax over keys (probability, lower token first). Keys are
 // distinct and leave in descending order, so a thread's next candidate is its best key
 // below the last winner: no taken-mask, and only the winner's thread rescans its tokens.
-// The column's probabilities are staged in shared memory when they fit (rescans then
-// read shared memory), else recomputed from the logits.
+// The column is staged in shared memory when it fits (rescans then read shared memory),
+// else rescans read it again from global memory (contiguous, coalesced).
 constexpr int kChoiceBlock = 256;
 constexpr int64_t kChoiceCachedTokens = 12288;  // 48 KiB of float32
-template <typename T>
 __global__ void __launch_bounds__(kChoiceBlock) expert_choice_kernel(ExpertChoiceParams p) {
   __shared__ uint64_t key_scratch[kChoiceBlock / 32];
   const int expert = blockIdx.x;
-  const T* logits = static_cast<const T*>(p.logits);
-  auto compute_prob = [&](int64_t t) {
-    return expf(to_float(logits[t * p.num_experts + expert]) - p.row_stats[2 * t]) *
-           p.row_stats[2 * t + 1];
-  };
+  const float* column = p.probs + static_cast<int64_t>(expert) * p.num_tokens;
   const bool cached = p.num_tokens <= kChoiceCachedTokens;
   float* cache = dynamic_smem<float>();
   if (cached) {
-    for (int64_t t = threadIdx.x; t < p.num_tokens; t += kChoiceBlock) cache[t] = compute_prob(t);
+    for (int64_t t = threadIdx.x; t < p.num_tokens; t += kChoiceBlock) cache[t] = column[t];
   }
   // Each thread reads back only the entries it wrote: no barrier needed before use.
-  auto prob = [&](int64_t t) { return cached ? cache[t] : compute_prob(t); };
+  auto prob = [&](int64_t t) { return cached ? cache[t] : column[t]; };
   auto local_best = [&](uint64_t bound) {
     uint64_t best = 0;
     for (int64_t t = threadIdx.x; t < p.num_tokens; t += kChoiceBlock) {
@@ -81,14 +135,14 @@ __global__ void __launch_bounds__(kChoiceBlock) expert_choice_kernel(ExpertChoic
 
 void launch_expert_choice_gating(const ExpertChoiceParams& p, cudaStream_t stream) {
   MOE_DISPATCH_FLOAT_TYPES(p.dtype, T, {
-    LaunchConfig stats{dim3(ceil_div(p.num_tokens, routing::kChoiceWarpsPerBlock)),
-                       dim3(routing::kChoiceWarpsPerBlock * 32), 0, stream};
-    launch_kernel("softmax_row_stats_kernel", routing::softmax_row_stats_kernel<T>, stats, p);
-    const size_t cache = p.num_tokens <= routing::kChoiceCachedTokens ? p.num_tokens * sizeof(float) : 0;
-    LaunchConfig choice{dim3(p.capacity > 0 ? p.num_experts : 0), dim3(routing::kChoiceBlock),
-                        cache, stream};
-    launch_kernel("expert_choice_kernel", routing::expert_choice_kernel<T>, choice, p);
+    LaunchConfig probs{dim3(ceil_div(p.num_tokens, routing::kProbTile)),
+                       dim3(routing::kProbWarps * 32), 0, stream};
+    launch_kernel("expert_choice_probs_kernel", routing::expert_choice_probs_kernel<T>, probs, p);
   });
+  const size_t cache = p.num_tokens <= routing::kChoiceCachedTokens ? p.num_tokens * sizeof(float) : 0;
+  LaunchConfig choice{dim3(p.capacity > 0 ? p.num_experts : 0), dim3(routing::kChoiceBlock),
+                      cache, stream};
+  launch_kernel("expert_choice_kernel", routing::expert_choice_kernel, choice, p);
 }
 
 }  // namespace moe

@@ -45,7 +45,8 @@ struct TopkGatingBackwardParams {
 };
 
 struct RouterStatsParams {
-  const int32_t* ids = nullptr;  // [n] expert ids; ids outside [0, num_experts) are not counted
+  const void* ids = nullptr;  // [n] expert ids, int32 or int64; ids outside [0, num_experts) are not counted
+  bool ids_are_64bit = false;
   int64_t n = 0;
   int num_experts = 0;
   int32_t* counts = nullptr;  // [num_experts] out (zeroed by the launcher's caller)
@@ -57,7 +58,7 @@ struct ExpertChoiceParams {
   int64_t num_tokens = 0;
   int num_experts = 0;
   int64_t capacity = 0;
-  float* row_stats = nullptr;  // [num_tokens, 2] scratch: softmax max and 1/sum per token
+  float* probs = nullptr;  // [num_experts, num_tokens] scratch: softmax probabilities, transposed
   int32_t* token_idx = nullptr;  // [num_experts, capacity] out, -1 past num_tokens
   float* weights = nullptr;      // [num_experts, capacity] out, 0 past num_tokens
 };
