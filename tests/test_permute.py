@@ -220,14 +220,15 @@ def test_unaligned_rows_use_scalar_copies(kernel_backend):
     assert torch.equal(out.x.cpu(), reference.permute(x, ids, 4)[0])
 
 
-@pytest.mark.parametrize("capacity", [1, 37, 150])
-def test_weight_ties_keep_lower_token(backend, capacity):
+# (1600, 700): > 1024 assignments per expert, past what the select keeps in registers.
+@pytest.mark.parametrize("tokens,capacity", [(300, 1), (300, 37), (300, 150), (1600, 700)])
+def test_weight_ties_keep_lower_token(backend, tokens, capacity):
     """Weights on a coarse grid tie often: the select must break ties by (token, slot)."""
     g = torch.Generator().manual_seed(capacity)
-    ids = torch.randint(0, 3, (300, 2), generator=g, dtype=torch.int32)
-    w = torch.randint(0, 5, (300, 2), generator=g).float() / 4
+    ids = torch.randint(0, 3, (tokens, 2), generator=g, dtype=torch.int32)
+    w = torch.randint(0, 5, (tokens, 2), generator=g).float() / 4
     w[::7, 0] = -w[::7, 0]  # negative weights and -0.0 too
-    x = torch.randn(300, 8)
+    x = torch.randn(tokens, 8)
     dev = device_of(backend)
     out = run(backend, moe_kernels.permute, x.to(dev), ids.to(dev), 3, capacity=capacity,
               weights=w.to(dev), drop_policy="weight", align=4)
@@ -504,6 +505,7 @@ PLAN_CASES = (
      dict(T=300, E=60, k=8, expert_range=(0, 7), align=8),
      dict(T=300, E=60, k=8, expert_range=(30, 60), capacity=10, drop_policy="weight"),
      dict(T=1500, E=8, k=2, capacity=200, drop_policy="weight", align=4),
+     dict(T=2200, E=2, k=1, capacity=700, drop_policy="weight"),  # > 1024 per expert
      dict(T=1100, E=384, k=8, capacity=30, drop_policy="position", align=8, expert_range=(100, 300))]
 )
 

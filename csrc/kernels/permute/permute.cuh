@@ -14,8 +14,9 @@
 //   (with a single tile, count + offsets + place run as one block in one launch: small
 //   batches are latency-bound)
 //   select  (capacity with drop_policy "weight") one block per local expert: a radix
-//           select of the capacity-th largest weight, then a block scan that keeps the
-//           winners in (token, slot) order.
+//           select of the capacity-th largest weight (keys kept in registers for up to
+//           1024 assignments, per-warp aggregated histogram, digit found by a block scan),
+//           then a block scan that keeps the winners in (token, slot) order.
 // Where an assignment gets row r, the stage also writes gather[r] (its token) and the
 // permuted weight: permute_plan is this stage alone.
 // Products round on their own, never fused into a following add (the build's -fmad=false,
@@ -350,19 +351,60 @@ __global__ void __launch_bounds__(kOffsetsThreads, 1)
   if (threadIdx.x < 32) place_tile(p, w, placed, 0);
 }
 
+// Keys per thread the select kernel keeps in registers: up to kSelectCached *
+// kSelectThreads assignments of an expert are read once; beyond, each pass re-reads them.
+constexpr int kSelectCached = 4;
+
+// histogram[digit] += the lanes of this warp with that digit (256: none): one atomic per
+// distinct digit, by its lowest lane, not one per lane (weights in (0, 1] share one or
+// two top digits). Every lane of the warp calls it.
+__device__ __forceinline__ void warp_count_digit(int32_t* histogram, int digit) {
+  const int lane = threadIdx.x % 32;
+  unsigned peers = kFullMask;
+#pragma unroll
+  for (int bit = 0; bit < 9; ++bit) {
+    const int mine = (digit >> bit) & 1;
+    const unsigned ones = __ballot_sync(kFullMask, mine);
+    peers &= mine ? ones : ~ones;
+  }
+  if (digit < 256 && __popc(peers & ((1u << lane) - 1u)) == 0) atomicAdd(&histogram[digit], __popc(peers));
+}
+
 __global__ void __launch_bounds__(kSelectThreads)
     permute_select_kernel(PermuteIndexParams p, IndexWorkspace w) {
   __shared__ int32_t histogram[256];
   __shared__ int64_t choice[2];  // digit, still to keep among keys equal to the prefix
   __shared__ int64_t warp_totals[kSelectThreads / 32];
+  __shared__ int64_t expert[4];  // n, list start, segment, keep: read once, not per warp
   const int l = blockIdx.x;
   const int tid = threadIdx.x;
-  const int64_t n = w.counts[l];
-  const int32_t* items = w.sorted + w.list_start[l];
-  const int s = segment_of_key(p, l);
-  const int64_t segment = p.offsets[s];
-  // The segment may be smaller than capacity only for an unchecked map (size 0).
-  const int64_t keep = min(p.capacity, p.offsets[s + 1] - segment);
+  if (tid == 0) {
+    const int s = segment_of_key(p, l);
+    expert[0] = w.counts[l];
+    expert[1] = w.list_start[l];
+    expert[2] = p.offsets[s];
+    // The segment may be smaller than capacity only for an unchecked map (size 0).
+    expert[3] = min(p.capacity, p.offsets[s + 1] - expert[2]);
+  }
+  __syncthreads();
+  const int64_t n = expert[0];
+  const int32_t* items = w.sorted + expert[1];
+  const int64_t segment = expert[2];
+  const int64_t keep = expert[3];
+  if (n == 0) return;  // the whole block: n is uniform
+
+  // Up to kSelectCached keys per thread in registers: item r of a thread is
+  // r * kSelectThreads + tid.
+  const bool cached = n <= static_cast<int64_t>(kSelectCached) * kSelectThreads;
+  int32_t item_r[kSelectCached];
+  uint32_t key_r[kSelectCached];
+#pragma unroll
+  for (int r = 0; r < kSelectCached; ++r) {
+    const int64_t i = static_cast<int64_t>(r) * kSelectThreads + tid;
+    const bool valid = cached && i < n;
+    item_r[r] = valid ? items[i] : 0;
+    key_r[r] = valid ? weight_key(p.weights[item_r[r]]) : 0u;
+  }
 
   // Keep keys above `threshold` and the first `keep_equal` keys equal to it (list order
   // is (token, slot) order, so ties keep the lower assignment).
@@ -373,20 +415,32 @@ __global__ void __launch_bounds__(kSelectThreads)
     int64_t need = keep;
     for (int shift = 24; shift >= 0; shift -= 8) {
       const uint32_t high = shift == 24 ? 0u : (0xffffffffu << (shift + 8));
+      auto digit_of = [&](bool valid, uint32_t key) {
+        return valid && (key & high) == prefix ? static_cast<int>((key >> shift) & 255u) : 256;
+      };
       histogram[tid] = 0;
       __syncthreads();
-      for (int64_t i = tid; i < n; i += kSelectThreads) {
-        const uint32_t key = weight_key(p.weights[items[i]]);
-        if ((key & high) == prefix) atomicAdd(&histogram[(key >> shift) & 255u], 1);
+      if (cached) {
+#pragma unroll
+        for (int r = 0; r < kSelectCached; ++r) {
+          warp_count_digit(histogram, digit_of(r * kSelectThreads + tid < n, key_r[r]));
+        }
+      } else {
+        for (int64_t base = 0; base < n; base += kSelectThreads) {
+          const int64_t i = base + tid;
+          const bool valid = i < n;
+          warp_count_digit(histogram, digit_of(valid, valid ? weight_key(p.weights[items[i]]) : 0u));
+        }
       }
       __syncthreads();
-      if (tid == 0) {  // the digit of the need-th largest key, from the top
-        int64_t above = 0;
-        int digit = 255;
-        for (; digit > 0; --digit) {
-          if (above + histogram[digit] >= need) break;
-          above += histogram[digit];
-        }
+      // The digit of the need-th largest key: thread t takes digit 255 - t; the scan gives
+      // the count above it, and the one thread whose digit reaches `need` writes the choice
+      // (need 0, i.e. capacity 0: digit 255, keep none equal).
+      const int digit = 255 - tid;
+      const int64_t count = histogram[digit];
+      int64_t total;
+      const int64_t above = block_exclusive_scan<kSelectThreads>(count, warp_totals, &total);
+      if ((above < need && above + count >= need) || (need == 0 && tid == 0)) {
         choice[0] = digit;
         choice[1] = need - above;
       }
@@ -400,11 +454,7 @@ __global__ void __launch_bounds__(kSelectThreads)
   }
 
   int64_t equal_before = 0, kept_before = 0;
-  for (int64_t base = 0; base < n; base += kSelectThreads) {
-    const int64_t i = base + tid;
-    const bool in_range = i < n;
-    const int32_t a = in_range ? items[i] : 0;
-    const uint32_t key = in_range ? weight_key(p.weights[a]) : 0;
+  auto place = [&](bool in_range, int32_t a, uint32_t key) {  // every thread, in item order
     const bool equal = in_range && key == threshold;
     int64_t equal_total, kept_total;
     const int64_t equal_rank =
@@ -421,6 +471,21 @@ __global__ void __launch_bounds__(kSelectThreads)
     }
     equal_before += equal_total;
     kept_before += kept_total;
+  };
+  if (cached) {
+#pragma unroll
+    for (int r = 0; r < kSelectCached; ++r) {
+      if (static_cast<int64_t>(r) * kSelectThreads < n) {  // uniform
+        place(r * kSelectThreads + tid < n, item_r[r], key_r[r]);
+      }
+    }
+  } else {
+    for (int64_t base = 0; base < n; base += kSelectThreads) {
+      const int64_t i = base + tid;
+      const bool in_range = i < n;
+      const int32_t a = in_range ? items[i] : 0;
+      place(in_range, a, in_range ? weight_key(p.weights[a]) : 0u);
+    }
   }
 }
 
