@@ -272,10 +272,12 @@ __device__ __forceinline__ void place_tile(const PermuteIndexParams& p, const In
         w.sorted[w.list_start[key] + rank] = static_cast<int32_t>(a);
         continue;  // the select kernel writes this row_map entry
       }
-      // A key without a segment (an unchecked map's index >= L) has size 0: dropped.
+      // A key without a segment (an unchecked map's index >= L) has size 0: dropped. A
+      // range's keys all have segments (no second offsets read).
       const int s = segment_of_key(p, key);
-      const int64_t size = p.offsets[s + 1] - p.offsets[s];
-      if (rank < size && (p.capacity < 0 || rank < p.capacity)) row = p.offsets[s] + rank;
+      const int64_t start = p.offsets[s];
+      const bool fits = p.expert_map == nullptr || rank < p.offsets[s + 1] - start;
+      if (fits && (p.capacity < 0 || rank < p.capacity)) row = start + rank;
     }
     p.row_map[a] = row;
     if (row >= 0) {
