@@ -4,7 +4,8 @@
 
 permute: dropless with align 1 for every preset, plus align 128 (grouped-GEMM tiles) and,
 for the capacity-factor models (Switch, GShard), capacity factor 1.25 with the position
-policy. unpermute: the weighted sum over k back to token order.
+policy. permute_plan: the same layouts without the row copy (dropless only).
+unpermute: the weighted sum over k back to token order.
 """
 
 import torch
@@ -31,6 +32,13 @@ def permute_bytes(x, ids, out):
     used_rows = int(out.offsets[-1])  # setup only, outside the timed call
     return (x.numel() * x.element_size() + ids.numel() * 4 + used_rows * x.shape[1] * x.element_size()
             + out.row_map.numel() * 8 + out.offsets.numel() * 8)
+
+
+def plan_bytes(ids, weights, plan):
+    """Ideal traffic: ids and weights read once; row_map, offsets, gather and the permuted
+    weights written once."""
+    return (ids.numel() * (ids.element_size() + 4) + plan.row_map.numel() * 8
+            + plan.offsets.numel() * 8 + plan.gather.numel() * 12)
 
 
 def unpermute_bytes(out, weights, hidden):
@@ -72,6 +80,12 @@ def main():
                         bytes_moved=permute_bytes(x, ids, out)))
                     if suffix:
                         continue  # unpermute reads the same rows whatever the padding
+                    with moe_kernels.use_backend(backend):
+                        plan = moe_kernels.permute_plan(ids, experts, weights=weights)
+                    cases.append(harness.Case(
+                        op="permute_plan", label=f"{name} T={tokens}", shape=shape, backend=backend,
+                        fn=lambda ids=ids, w=weights, e=experts: moe_kernels.permute_plan(ids, e, weights=w),
+                        bytes_moved=plan_bytes(ids, weights, plan)))
                     y_perm = out.x
                     cases.append(harness.Case(
                         op="unpermute", label=f"{name} T={tokens}", shape=shape, backend=backend,

@@ -5,14 +5,16 @@ the same kernels in the SIMT emulator on the CPU, or a PyTorch reference.
 """
 
 from ._backend import available_backends, use_backend
+from .permute import (PermutePlan, PermuteResult, capacity_from_factor, permute, permute_plan,
+                      unpermute)
 from .routing import (expert_choice_gating, hash_gating, load_balancing_loss, router_stats,
-                     router_z_loss, sequence_load_balancing_loss, topk_gating,
-                     update_routing_bias)
-from .permute import PermuteResult, capacity_from_factor, permute, unpermute
+                      router_z_loss, sequence_load_balancing_loss, topk_gating,
+                      update_routing_bias)
 
 __all__ = [
-    "PermuteResult", "available_backends", "capacity_from_factor", "expert_choice_gating",
-    "hash_gating", "load_balancing_loss", "permute", "router_stats", "router_z_loss",
-    "sequence_load_balancing_loss", "topk_gating", "unpermute", "update_routing_bias", "use_backend",
+    "PermutePlan", "PermuteResult", "available_backends", "capacity_from_factor",
+    "expert_choice_gating", "hash_gating", "load_balancing_loss", "permute", "permute_plan",
+    "router_stats", "router_z_loss", "sequence_load_balancing_loss", "topk_gating", "unpermute",
+    "update_routing_bias", "use_backend",
 ]
 __version__ = "0.1.0"

@@ -16,6 +16,13 @@ from ._limits import MAX_ALIGN, MAX_EXPERTS
 DROP_POLICIES = ("position", "weight")
 
 PermuteResult = collections.namedtuple("PermuteResult", ["x", "row_map", "offsets", "num_rows", "weights"])
+PermutePlan = collections.namedtuple("PermutePlan", ["row_map", "offsets", "gather", "weights", "num_rows"])
+
+# Rows of the outputs (the static bound M): row indices, offsets and gather entries then fit
+# in int32, as a grouped GEMM's tile schedule usually keeps them.
+MAX_ROWS = (1 << 31) - 1
+ID_DTYPES = (torch.int32, torch.int64)
+ROW_MAP_DTYPES = (torch.int64, torch.int32)
 
 
 def capacity_from_factor(num_tokens, k, num_experts, factor):
@@ -34,36 +41,48 @@ def capacity_from_factor(num_tokens, k, num_experts, factor):
     return math.ceil(exact)
 
 
-def _check_permute_args(x, ids, num_experts, capacity, align, drop_policy, weights, expert_range):
-    check_tensor(x, "x", dtypes=FLOAT_DTYPES, dim=2)
-    check_tensor(ids, "ids", dtypes=(torch.int32,), dim=2)
-    check_same_device(ids, "ids", x, "x")
-    if ids.shape[0] != x.shape[0]:
-        raise ValueError(f"ids: expected {x.shape[0]} rows (one per token of x), got shape "
-                         f"{tuple(ids.shape)}")
+def _check_plan_args(ids, num_experts, capacity, align, drop_policy, weights, expert_range):
+    """Checks the arguments of permute_plan (and permute's other than x); returns
+    (ids, weights, start, end) with ids and weights contiguous (a copy if they were not)."""
+    check_tensor(ids, "ids", dtypes=ID_DTYPES, dim=2, contiguous=False)
     if ids.shape[1] < 1:
         raise ValueError(f"ids: expected at least one column (k >= 1), got shape {tuple(ids.shape)}")
     if ids.numel() >= 1 << 31:
         raise ValueError(f"ids: expected fewer than 2^31 entries, got {ids.numel()}")
-    check_int(num_experts, "num_experts", 1, MAX_EXPERTS)
+    num_experts = check_int(num_experts, "num_experts", 1, MAX_EXPERTS)
     if capacity is not None:
-        check_int(capacity, "capacity", 0, (1 << 31) - 1)
-    check_int(align, "align", 1, MAX_ALIGN)
+        capacity = check_int(capacity, "capacity", 0, MAX_ROWS)
+    align = check_int(align, "align", 1, MAX_ALIGN)
     if drop_policy not in DROP_POLICIES:
         raise ValueError(f"drop_policy: expected one of {DROP_POLICIES}, got {drop_policy!r}")
     if weights is not None:
+        check_tensor(weights, "weights", dtypes=(torch.float32,), dim=2, contiguous=False)
+        weights = weights.contiguous()
         check_pair_weights(weights, "weights", ids, "ids")
     elif drop_policy == "weight":
         raise ValueError("weights: drop_policy='weight' needs the routing weights")
+    expert_map = None
+    if isinstance(expert_range, torch.Tensor):
+        expert_map = _check_expert_map(expert_range, num_experts, ids)
+        expert_range = (0, num_experts)
     if expert_range is None:
         expert_range = (0, num_experts)
     if not isinstance(expert_range, (tuple, list)) or len(expert_range) != 2 or any(
             isinstance(v, bool) or not isinstance(v, int) for v in expert_range):
-        raise TypeError(f"expert_range: expected a (start, end) pair of ints, got {expert_range!r}")
+        raise TypeError(f"expert_range: expected a (start, end) pair of ints or an expert map "
+                        f"(int tensor [num_experts]), got {expert_range!r}")
     start, end = expert_range
     if not 0 <= start < end <= num_experts:
         raise ValueError(f"expert_range: expected 0 <= start < end <= num_experts ({num_experts}), "
                          f"got ({start}, {end})")
+    tokens, k = ids.shape
+    rows = reference.permute_num_rows_bound(tokens, k, num_experts, capacity, align)
+    if rows > MAX_ROWS:
+        if capacity is not None:
+            raise ValueError(f"capacity: the outputs would have num_experts * round_up(capacity, "
+                             f"align) = {rows} rows; expected at most 2^31 - 1 (lower capacity)")
+        raise ValueError(f"align: the outputs would have T*k + num_experts * (align - 1) = {rows} "
+                         f"rows; expected at most 2^31 - 1 (lower align)")
     # Reading ids on a GPU would synchronize with the host: there, out-of-range ids are
     # dropped (row_map -1) by the kernels instead. CPU ids are checked here, in eager mode
     # (a traced graph cannot depend on the data; the kernels drop them there too).
@@ -72,11 +91,87 @@ def _check_permute_args(x, ids, num_experts, capacity, align, drop_policy, weigh
         if low < 0 or high >= num_experts:
             raise ValueError(f"ids: expected expert ids in [0, {num_experts}), got values in "
                              f"[{low}, {high}]")
-    return start, end
+    return ids.contiguous(), weights, start, end, expert_map
+
+
+def _check_expert_map(expert_map, num_experts, ids):
+    """An expert map (vLLM's expert_map): [E] ints, global expert -> local index or -1.
+    Checked on the CPU (the local indices must be a permutation of 0..L-1); returned as
+    contiguous int32 (a copy unless it already is)."""
+    check_tensor(expert_map, "expert_range", dtypes=ID_DTYPES, dim=1, contiguous=False)
+    check_same_device(expert_map, "expert_range", ids, "ids")
+    if expert_map.shape[0] != num_experts:
+        raise ValueError(f"expert_range: expected an expert map of num_experts ({num_experts}) "
+                         f"entries, got shape {tuple(expert_map.shape)}")
+    if expert_map.device.type == "cpu" and not torch.compiler.is_compiling():
+        local = expert_map[expert_map >= 0].long()
+        if bool((expert_map < -1).any()) or not torch.equal(
+                local.sort().values, torch.arange(local.numel())):
+            raise ValueError("expert_range: expected an expert map of -1 (not local) and local "
+                             "indices that are a permutation of 0..L-1, got "
+                             f"{expert_map.tolist()}")
+    return expert_map.to(torch.int32).contiguous()
+
+
+def _check_permute_args(x, ids, num_experts, capacity, align, drop_policy, weights, expert_range):
+    check_tensor(x, "x", dtypes=FLOAT_DTYPES, dim=2, contiguous=False)
+    check_tensor(ids, "ids", dtypes=ID_DTYPES, dim=2, contiguous=False)
+    check_same_device(ids, "ids", x, "x")
+    if ids.shape[0] != x.shape[0]:
+        raise ValueError(f"ids: expected {x.shape[0]} rows (one per token of x), got shape "
+                         f"{tuple(ids.shape)}")
+    ids, weights, start, end, expert_map = _check_plan_args(
+        ids, num_experts, capacity, align, drop_policy, weights, expert_range)
+    return x.contiguous(), ids, weights, start, end, expert_map
+
+
+def _weights_grad(grad_weights_perm, row_map):
+    """weights_perm[row_map[t, j]] = weights[t, j]: the gradient reads each kept row back
+    (zero for dropped assignments, and when there are no rows at all, e.g. capacity 0)."""
+    if grad_weights_perm is None or grad_weights_perm.shape[0] == 0:
+        return torch.zeros(row_map.shape, dtype=torch.float32, device=row_map.device)
+    return torch.where(row_map >= 0, grad_weights_perm[row_map.clamp(min=0)], 0.0)
+
+
+def _fake_permute_plan(backend, ids, weights, num_experts, capacity, align, drop_by_weight,
+                       expert_begin, expert_end, expert_map=None):
+    tokens, k = ids.shape
+    rows = reference.permute_num_rows_bound(tokens, k, num_experts, None if capacity < 0 else capacity,
+                                            align)
+    long = dict(dtype=torch.int64)
+    return (ids.new_empty((tokens, k), **long), ids.new_empty((num_experts + 1,), **long),
+            ids.new_empty((rows,), **long), ids.new_empty((1,), **long),
+            absent(ids) if weights is None else weights.new_empty((rows,)))
+
+
+register_op("permute_plan",
+            "(str backend, Tensor ids, Tensor? weights, int num_experts, int capacity, int align, "
+            "bool drop_by_weight, int expert_begin, int expert_end, Tensor? expert_map=None) "
+            "-> (Tensor, Tensor, Tensor, Tensor, Tensor)", _fake_permute_plan)
+
+
+class _PermutePlanFunction(torch.autograd.Function):
+    """Only the permuted weights carry gradient (to the weights); the indices are integers."""
+
+    @staticmethod
+    def forward(ctx, weights, ids, num_experts, capacity, align, by_weight, start, end, expert_map,
+                backend):
+        row_map, offsets, gather, num_rows, weights_perm = native_call(
+            backend, "permute_plan", ids, weights, num_experts, capacity, align, by_weight, start, end,
+            expert_map)
+        ctx.save_for_backward(row_map)
+        ctx.mark_non_differentiable(row_map, offsets, gather, num_rows)
+        return row_map, offsets, gather, weights_perm, num_rows
+
+    @staticmethod
+    def backward(ctx, _row_map, _offsets, _gather, grad_weights_perm, _num_rows):
+        (row_map,) = ctx.saved_tensors
+        grad_weights = _weights_grad(grad_weights_perm, row_map) if ctx.needs_input_grad[0] else None
+        return grad_weights, None, None, None, None, None, None, None, None, None
 
 
 def _fake_permute(backend, x, ids, weights, num_experts, capacity, align, drop_by_weight,
-                  expert_begin, expert_end):
+                  expert_begin, expert_end, expert_map=None):
     tokens, k = ids.shape
     rows = reference.permute_num_rows_bound(tokens, k, num_experts, None if capacity < 0 else capacity,
                                             align)
@@ -88,15 +183,18 @@ def _fake_permute(backend, x, ids, weights, num_experts, capacity, align, drop_b
 
 register_op("permute",
             "(str backend, Tensor x, Tensor ids, Tensor? weights, int num_experts, int capacity, "
-            "int align, bool drop_by_weight, int expert_begin, int expert_end) "
+            "int align, bool drop_by_weight, int expert_begin, int expert_end, "
+            "Tensor? expert_map=None) "
             "-> (Tensor, Tensor, Tensor, Tensor, Tensor)", _fake_permute)
 
 
 class _PermuteFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weights, ids, num_experts, capacity, align, by_weight, start, end, backend):
+    def forward(ctx, x, weights, ids, num_experts, capacity, align, by_weight, start, end, expert_map,
+                backend):
         x_perm, row_map, offsets, num_rows, weights_perm = native_call(
-            backend, "permute", x, ids, weights, num_experts, capacity, align, by_weight, start, end)
+            backend, "permute", x, ids, weights, num_experts, capacity, align, by_weight, start, end,
+            expert_map)
         ctx.backend = backend
         ctx.save_for_backward(row_map)
         ctx.mark_non_differentiable(row_map, offsets, num_rows)
@@ -110,12 +208,8 @@ class _PermuteFunction(torch.autograd.Function):
             # x_perm[row_map[t, j]] = x[t]: the gradient sums a token's rows (an unpermute).
             grad_x = native_call(ctx.backend, "unpermute", grad_x_perm.contiguous(), row_map, None)
         if ctx.needs_input_grad[1]:
-            kept = row_map >= 0
-            if grad_weights_perm is None:
-                grad_weights = torch.zeros(row_map.shape, dtype=torch.float32, device=row_map.device)
-            else:
-                grad_weights = torch.where(kept, grad_weights_perm[row_map.clamp(min=0)], 0.0)
-        return grad_x, grad_weights, None, None, None, None, None, None, None, None
+            grad_weights = _weights_grad(grad_weights_perm, row_map)
+        return grad_x, grad_weights, None, None, None, None, None, None, None, None, None
 
 
 def _fake_unpermute(backend, y_perm, row_map, weights):
@@ -156,17 +250,67 @@ class _UnpermuteFunction(torch.autograd.Function):
         return grad_y_perm, grad_weights, None, None
 
 
+def permute_plan(ids, num_experts, *, capacity=None, align=1, drop_policy="position",
+                 weights=None, expert_range=None):
+    """The row layout of ``permute`` without moving any row: for a grouped GEMM that reads
+    the tokens in place (``x[gather[i]]`` for row i).
+
+    The arguments are permute's (without x) and the layout is exactly permute's: rows
+    grouped by expert ascending, inside an expert in (token, slot) order; the same
+    capacity, drop policies, align padding, expert_range and static row bound M (with
+    ``align=1`` and no capacity nothing is padded and ``M = T*k``; an expert map orders the
+    segments by local index, see permute's expert_range). Only the index stage
+    runs (no row copy, no zero fill).
+
+    Returns
+    -------
+    PermutePlan (named tuple)
+        row_map : ``[T, k]`` int64, the row of assignment (t, j), or -1 (dropped or not
+            local).
+        offsets : ``[E + 1]`` int64, expert e's segment is ``[offsets[e], offsets[e+1])``.
+        gather : ``[M]`` int64, the token whose row i is: ``gather[row_map[t, j]] = t``;
+            -1 for padding rows and for the rows at or past ``offsets[E]``.
+        weights : ``[M]`` float32, ``weights[t, j]`` at row ``row_map[t, j]``, 0 elsewhere;
+            None without weights. Differentiable in the input weights (the only output
+            that carries a gradient).
+        num_rows : ``[1]`` int64, ``offsets[E]`` (the rows the segments use), on the
+            device of ids.
+
+    Notes
+    -----
+    No host synchronization, deterministic bit for bit. ids may be int32 or int64 (what
+    ``torch.topk`` returns; the kernels read both); non-contiguous ids or weights are
+    copied to contiguous ones first.
+    """
+    ids, weights, start, end, expert_map = _check_plan_args(
+        ids, num_experts, capacity, align, drop_policy, weights, expert_range)
+    backend = selected_backend(ids, "ids")
+    if backend == "reference":
+        row_map, offsets, gather, weights_perm, num_rows = reference.permute_plan(
+            ids, num_experts, capacity=capacity, align=align, drop_policy=drop_policy,
+            weights=weights, expert_range=(start, end) if expert_map is None else expert_map)
+        return PermutePlan(row_map, offsets, gather, weights_perm, num_rows)
+    return PermutePlan(*_PermutePlanFunction.apply(
+        weights, ids, num_experts, -1 if capacity is None else capacity, align,
+        drop_policy == "weight", start, end, expert_map, backend))
+
+
 def permute(x, ids, num_experts, *, capacity=None, align=1, drop_policy="position",
             weights=None, expert_range=None):
     """Gather token rows into expert-contiguous order.
 
+    ``permute`` is ``permute_plan`` (the row layout) followed by the row copy
+    ``x_perm[i] = x[gather[i]]`` (zero where gather is -1).
+
     Parameters
     ----------
     x : torch.Tensor
-        ``[T, H]`` float32 / float16 / bfloat16, contiguous; any H (16-byte vector copies
-        when a row is a multiple of 16 bytes, element copies otherwise).
+        ``[T, H]`` float32 / float16 / bfloat16; any H (16-byte vector copies when a row
+        is a multiple of 16 bytes, element copies otherwise). A non-contiguous x is copied
+        to a contiguous one first.
     ids : torch.Tensor
-        ``[T, k]`` int32 expert ids (e.g. from ``topk_gating``), contiguous.
+        ``[T, k]`` int32 or int64 expert ids (``topk_gating``'s int32, ``torch.topk``'s
+        int64: the kernels read both without a conversion). Non-contiguous ids are copied.
     num_experts : int
         E, ``1 <= E <= 4096``.
     capacity : int or None
@@ -174,18 +318,35 @@ def permute(x, ids, num_experts, *, capacity=None, align=1, drop_policy="positio
         ``round_up(capacity, align)`` rows starting at ``(e - start) * round_up(capacity,
         align)`` (the Switch/GShard layout: ``x.view(L, slot, H)`` is a batch of experts),
         and assignments beyond `capacity` are dropped (``row_map = -1``).
-        ``capacity_from_factor`` turns a capacity factor into one.
+        ``capacity_from_factor`` turns a capacity factor into one. The outputs' rows
+        ``E * round_up(capacity, align)`` must not exceed ``2^31 - 1`` (ValueError naming
+        capacity; dropless, ``T*k + E*(align-1)`` likewise, naming align); below that the
+        allocation can still fail for lack of memory.
     align : int
         Each segment's size is a multiple of `align` (GEMM tiles); padding rows are zero.
     drop_policy : {"position", "weight"}
         With a capacity: keep the earliest assignments in (token, slot) order, or the
-        largest `weights` (ties to the lower (token, slot); NaN ranks lowest). Kept rows
+        largest `weights`. The weight order is the float order with NaN ranked as -inf
+        (NaN and -inf tie) and -0 equal to +0; ties keep the lower (token, slot). Kept rows
         are laid out in (token, slot) order either way.
     weights : torch.Tensor or None
-        ``[T, k]`` float32 routing weights; returned permuted.
-    expert_range : (int, int) or None
-        ``(start, end)``: only experts ``start <= e < end`` are local (expert
-        parallelism); other assignments get ``row_map = -1`` and no rows.
+        ``[T, k]`` float32 routing weights; returned permuted. Non-contiguous: copied.
+    expert_range : (int, int), torch.Tensor or None
+        Expert parallelism: only the local experts get rows; other assignments get
+        ``row_map = -1``. ``(start, end)``: experts ``start <= e < end`` are local and
+        offsets stay in global expert order (non-local experts have empty segments).
+        An expert map (vLLM's ``expert_map``): an int32/int64 tensor ``[E]`` on the
+        device of ids, global expert -> local index or -1 (not local), the local indices a
+        permutation of ``0..L-1``. Segments are then in local order: segment l (rows
+        ``[offsets[l], offsets[l+1])``) belongs to the expert with ``map[e] = l``, and
+        ``offsets[L:]`` are all equal (empty segments), so ``offsets[:L+1]`` is what a
+        grouped GEMM over the L local weights takes. offsets keeps E + 1 entries (L is not
+        known on the host without reading the map). A CPU map is checked (ValueError); a
+        GPU map is not (that would need a host sync): there entries outside ``[-1, E)``
+        count as -1, L is the number of entries >= 0, and assignments to a local index
+        >= L are dropped; duplicate local indices share one segment. ``(start, end)`` is
+        the map ``e - start`` (for ``start <= e < end``) with segments kept at the global
+        positions.
 
     Returns
     -------
@@ -216,16 +377,16 @@ def permute(x, ids, num_experts, *, capacity=None, align=1, drop_policy="positio
     host sync, so an out-of-range id is dropped (row_map -1) instead. Deterministic bit for
     bit. Differentiable in x (backward: an unpermute) and in weights.
     """
-    start, end = _check_permute_args(x, ids, num_experts, capacity, align, drop_policy, weights,
-                                     expert_range)
+    x, ids, weights, start, end, expert_map = _check_permute_args(
+        x, ids, num_experts, capacity, align, drop_policy, weights, expert_range)
     backend = selected_backend(x, "x")
     if backend == "reference":
         return PermuteResult(*reference.permute(
             x, ids, num_experts, capacity=capacity, align=align, drop_policy=drop_policy,
-            weights=weights, expert_range=(start, end)))
+            weights=weights, expert_range=(start, end) if expert_map is None else expert_map))
     return PermuteResult(*_PermuteFunction.apply(
         x, weights, ids, num_experts, -1 if capacity is None else capacity, align,
-        drop_policy == "weight", start, end, backend))
+        drop_policy == "weight", start, end, expert_map, backend))
 
 
 def unpermute(y_perm, row_map, weights=None):
@@ -234,12 +395,13 @@ def unpermute(y_perm, row_map, weights=None):
     Parameters
     ----------
     y_perm : torch.Tensor
-        ``[M, H]`` float32 / float16 / bfloat16, contiguous (e.g. expert outputs on
-        ``permute``'s rows).
+        ``[M, H]`` float32 / float16 / bfloat16 (e.g. expert outputs on ``permute``'s
+        rows). A non-contiguous y_perm is copied to a contiguous one first.
     row_map : torch.Tensor
-        ``[T, k]`` int64 from ``permute``; entries of -1 (dropped) are skipped.
+        ``[T, k]`` int64 from ``permute`` (int32 is accepted and converted, a copy);
+        entries of -1 (dropped) are skipped.
     weights : torch.Tensor or None
-        ``[T, k]`` float32; None sums the rows.
+        ``[T, k]`` float32; None sums the rows. Non-contiguous: copied.
 
     Returns
     -------
@@ -252,12 +414,17 @@ def unpermute(y_perm, row_map, weights=None):
     -----
     Rows of row_map must be distinct (as permute makes them) for the y_perm gradient.
     row_map values outside ``[-1, M)`` raise ValueError for CPU tensors; on a GPU (no host
-    sync) they are skipped like -1. Differentiable in y_perm and weights.
+    sync) they are skipped like -1. Differentiable in y_perm and weights; a skipped entry
+    contributes nothing to either gradient, whatever its weight (NaN included).
     """
-    check_tensor(y_perm, "y_perm", dtypes=FLOAT_DTYPES, dim=2)
-    check_tensor(row_map, "row_map", dtypes=(torch.int64,), dim=2)
+    check_tensor(y_perm, "y_perm", dtypes=FLOAT_DTYPES, dim=2, contiguous=False)
+    check_tensor(row_map, "row_map", dtypes=ROW_MAP_DTYPES, dim=2, contiguous=False)
     check_same_device(row_map, "row_map", y_perm, "y_perm")
+    y_perm = y_perm.contiguous()
+    row_map = row_map.to(torch.int64).contiguous()
     if weights is not None:
+        check_tensor(weights, "weights", dtypes=(torch.float32,), dim=2, contiguous=False)
+        weights = weights.contiguous()
         check_pair_weights(weights, "weights", row_map, "row_map")
     if row_map.device.type == "cpu" and row_map.numel() > 0 and not torch.compiler.is_compiling():
         low, high = int(row_map.min()), int(row_map.max())

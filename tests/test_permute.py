@@ -22,15 +22,21 @@ def ref_permute(*args, **kwargs):
 
 def naive_permute(ids, num_experts, capacity=None, align=1, drop_policy="position",
                   weights=None, expert_range=None):
-    """Independent oracle: a loop over experts and assignments."""
+    """Independent oracle: a loop over the segments (experts) and assignments."""
     T, k = ids.shape
-    start, end = expert_range or (0, num_experts)
+    if isinstance(expert_range, torch.Tensor):  # an expert map: segments in local order
+        local = expert_range.tolist()
+        num_local = sum(v >= 0 for v in local)
+        segments = [local.index(i) for i in range(num_local)] + [None] * (num_experts - num_local)
+    else:
+        start, end = expert_range or (0, num_experts)
+        segments = [e if start <= e < end else None for e in range(num_experts)]
     ids_list = ids.tolist()
     w_list = weights.tolist() if weights is not None else None
     row_map = [[-1] * k for _ in range(T)]
     offsets, row, kept_total = [0], 0, 0
-    for e in range(num_experts):
-        if not start <= e < end:
+    for e in segments:
+        if e is None:
             offsets.append(row)
             continue
         mine = [(t, j) for t in range(T) for j in range(k) if ids_list[t][j] == e]
@@ -214,14 +220,15 @@ def test_unaligned_rows_use_scalar_copies(kernel_backend):
     assert torch.equal(out.x.cpu(), reference.permute(x, ids, 4)[0])
 
 
-@pytest.mark.parametrize("capacity", [1, 37, 150])
-def test_weight_ties_keep_lower_token(backend, capacity):
+# (1600, 700): > 1024 assignments per expert, past what the select keeps in registers.
+@pytest.mark.parametrize("tokens,capacity", [(300, 1), (300, 37), (300, 150), (1600, 700)])
+def test_weight_ties_keep_lower_token(backend, tokens, capacity):
     """Weights on a coarse grid tie often: the select must break ties by (token, slot)."""
     g = torch.Generator().manual_seed(capacity)
-    ids = torch.randint(0, 3, (300, 2), generator=g, dtype=torch.int32)
-    w = torch.randint(0, 5, (300, 2), generator=g).float() / 4
+    ids = torch.randint(0, 3, (tokens, 2), generator=g, dtype=torch.int32)
+    w = torch.randint(0, 5, (tokens, 2), generator=g).float() / 4
     w[::7, 0] = -w[::7, 0]  # negative weights and -0.0 too
-    x = torch.randn(300, 8)
+    x = torch.randn(tokens, 8)
     dev = device_of(backend)
     out = run(backend, moe_kernels.permute, x.to(dev), ids.to(dev), 3, capacity=capacity,
               weights=w.to(dev), drop_policy="weight", align=4)
@@ -353,8 +360,8 @@ def good_args():
     (dict(x=[[1.0]]), TypeError, "x: expected a torch.Tensor"),
     (dict(x=torch.randn(4, 8, dtype=torch.float64)), TypeError, "x: expected dtype"),
     (dict(x=torch.randn(32)), ValueError, "x: expected a 2-D tensor"),
-    (dict(x=torch.randn(8, 4).t()), ValueError, "x: expected a contiguous tensor"),
-    (dict(ids=torch.zeros(4, 2, dtype=torch.int64)), TypeError, "ids: expected dtype int32"),
+    (dict(ids=torch.zeros(4, 2, dtype=torch.float32)), TypeError, "ids: expected dtype int32, int64"),
+    (dict(ids=torch.zeros(4, 2, dtype=torch.int16)), TypeError, "ids: expected dtype int32, int64"),
     (dict(ids=torch.zeros(8, dtype=torch.int32)), ValueError, "ids: expected a 2-D tensor"),
     (dict(ids=torch.zeros(5, 2, dtype=torch.int32)), ValueError, "ids: expected 4 rows"),
     (dict(ids=torch.zeros(4, 0, dtype=torch.int32)), ValueError, "ids: expected at least one column"),
@@ -388,7 +395,7 @@ def test_bad_permute_input(backend, change, error, match):
 @pytest.mark.parametrize("args,error,match", [
     ((torch.randn(4, 8, dtype=torch.float64), torch.zeros(2, 1, dtype=torch.long)), TypeError, "y_perm: expected dtype"),
     ((torch.randn(32), torch.zeros(2, 1, dtype=torch.long)), ValueError, "y_perm: expected a 2-D"),
-    ((torch.randn(4, 8), torch.zeros(2, 1, dtype=torch.int32)), TypeError, "row_map: expected dtype int64"),
+    ((torch.randn(4, 8), torch.zeros(2, 1, dtype=torch.int16)), TypeError, "row_map: expected dtype int64, int32"),
     ((torch.randn(4, 8), torch.zeros(2, dtype=torch.long)), ValueError, "row_map: expected a 2-D"),
     ((torch.randn(4, 8), torch.full((2, 1), 4)), ValueError, r"row_map: expected values in \[-1, 4\)"),
     ((torch.randn(4, 8), torch.full((2, 1), -2)), ValueError, "row_map: expected values"),
@@ -462,3 +469,407 @@ def test_row_offsets_past_2_to_the_31_elements(kernel_backend):
     w = torch.tensor([[2.0, 4.0]], device=dev)
     y = run(kernel_backend, moe_kernels.unpermute, y_perm, row_map, w)
     assert torch.all(y.cpu() == 4.0)
+
+
+# ----------------------------------------------------------------------------------------
+# permute_plan: the index stage alone.
+
+def naive_gather(row_map, num_out_rows):
+    """Independent oracle of gather: the token of each row, -1 where none."""
+    gather = [-1] * num_out_rows
+    for t, rows in enumerate(row_map.tolist()):
+        for r in rows:
+            if r >= 0:
+                gather[r] = t
+    return torch.tensor(gather, dtype=torch.long)
+
+
+def static_rows(T, k, E, capacity=None, align=1):
+    """M, written out independently of the library."""
+    if capacity is None:
+        return T * k + E * (align - 1)
+    return E * ((capacity + align - 1) // align * align)
+
+
+PLAN_CASES = (
+    [dict(T=t, E=8, k=2) for t in (0, 1, 257)] +
+    [dict(T=0, E=8, k=2, capacity=3, drop_policy="weight", align=4),
+     dict(T=0, E=8, k=2, capacity=3), dict(T=0, E=5, k=3, align=8)] +
+    [dict(T=512, E=8, k=2, capacity=100), dict(T=513, E=8, k=2, capacity=100)] +  # 1 and 2 tiles
+    [dict(T=257, E=e, k=2) for e in (1, 60, 384)] + [dict(T=300, E=60, k=8)] +
+    [dict(T=257, E=8, k=2, align=a) for a in (8, 128)] +
+    [dict(T=257, E=8, k=2, capacity=c) for c in (0, 20, 70)] +
+    [dict(T=257, E=8, k=2, capacity=c, drop_policy="weight") for c in (0, 20)] +
+    [dict(T=257, E=8, k=2, capacity=45, align=8, drop_policy="weight"),
+     dict(T=257, E=8, k=2, expert_range=(2, 5)),
+     dict(T=300, E=60, k=8, expert_range=(0, 7), align=8),
+     dict(T=300, E=60, k=8, expert_range=(30, 60), capacity=10, drop_policy="weight"),
+     dict(T=1500, E=8, k=2, capacity=200, drop_policy="weight", align=4),
+     dict(T=2200, E=2, k=1, capacity=700, drop_policy="weight"),  # > 1024 per expert
+     dict(T=1100, E=384, k=8, capacity=30, drop_policy="position", align=8, expert_range=(100, 300))]
+)
+
+
+def plan_case_id(c):
+    return "-".join(f"{k}={v}" for k, v in c.items())
+
+
+@pytest.mark.parametrize("case", PLAN_CASES, ids=plan_case_id)
+def test_permute_plan_matches_reference_and_naive_loop(backend, case):
+    kw = dict(case)
+    T, E, k = kw.pop("T"), kw.pop("E"), kw.pop("k")
+    _, ids, w = make_inputs(T, 1, E, k, torch.float32, seed=T + E, distinct=False)
+    dev = device_of(backend)
+    plan = run(backend, moe_kernels.permute_plan, ids.to(dev), E, weights=w.to(dev), **kw)
+    assert isinstance(plan, moe_kernels.PermutePlan)
+    ref = reference.permute_plan(ids, E, weights=w, **kw)
+    M = static_rows(T, k, E, kw.get("capacity"), kw.get("align", 1))
+    for name, want in zip(("row_map", "offsets", "gather", "weights", "num_rows"), ref):
+        got = getattr(plan, name)
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+        assert got.device == ids.to(dev).device, name
+        assert torch.equal(got.cpu(), want), name
+    assert plan.gather.shape == (M,)
+    if T * k <= 3000:  # the naive loop is slow
+        row_map, offsets, _ = naive_permute(ids, E, weights=w, **kw)
+        assert torch.equal(plan.row_map.cpu(), row_map)
+        assert torch.equal(plan.offsets.cpu(), offsets)
+        assert torch.equal(plan.gather.cpu(), naive_gather(row_map, M))
+        expected_w = torch.zeros(M)
+        for t, j in (row_map >= 0).nonzero().tolist():
+            expected_w[row_map[t, j]] = w[t, j]
+        assert torch.equal(plan.weights.cpu(), expected_w)
+        assert plan.num_rows.cpu().tolist() == [int(offsets[-1])]
+
+
+def test_permute_plan_dropless_align_one_is_a_permutation(backend):
+    _, ids, _ = make_inputs(100, 1, 16, 4, torch.float32, seed=1, distinct=False)
+    dev = device_of(backend)
+    plan = run(backend, moe_kernels.permute_plan, ids.to(dev), 16)
+    assert plan.weights is None
+    assert plan.gather.shape == (400,)  # M = T*k: nothing padded
+    assert sorted(plan.row_map.flatten().tolist()) == list(range(400))
+    assert torch.equal(plan.gather.cpu().sort().values, torch.arange(100).repeat_interleave(4))
+
+
+@pytest.mark.parametrize("kw", [dict(align=8), dict(capacity=5, align=4, drop_policy="weight"),
+                                dict(capacity=7, expert_range=(1, 4)), dict(capacity=0)])
+def test_permute_is_the_plan_plus_a_row_copy(backend, kw):
+    x, ids, w = make_inputs(40, 12, 6, 2, torch.bfloat16, seed=9, distinct=False)
+    dev = device_of(backend)
+    plan = run(backend, moe_kernels.permute_plan, ids.to(dev), 6, weights=w.to(dev), **kw)
+    out = run(backend, moe_kernels.permute, x.to(dev), ids.to(dev), 6, weights=w.to(dev), **kw)
+    gather = plan.gather.cpu()
+    rows = torch.where(gather[:, None] >= 0, x[gather.clamp(min=0)], torch.zeros((), dtype=x.dtype))
+    assert torch.equal(out.x.cpu(), rows)
+    for name in ("row_map", "offsets", "weights", "num_rows"):
+        assert torch.equal(getattr(out, name).cpu(), getattr(plan, name).cpu()), name
+
+
+@pytest.mark.parametrize("kw", [dict(align=4), dict(capacity=3, drop_policy="weight"), dict(capacity=0)])
+def test_permute_plan_weight_gradient(backend, kw):
+    """Only the permuted weights carry gradient: d weights[t, j] = grad[row_map[t, j]]."""
+    _, ids, w = make_inputs(30, 1, 5, 2, torch.float32, seed=4, distinct=False)
+    dev = device_of(backend)
+    ws = w.clone().to(dev).requires_grad_()
+    plan = run(backend, moe_kernels.permute_plan, ids.to(dev), 5, weights=ws, **kw)
+    for name in ("row_map", "offsets", "gather", "num_rows"):
+        assert not getattr(plan, name).requires_grad, name
+    g = torch.randn(plan.weights.shape, generator=torch.Generator().manual_seed(0))
+    (plan.weights * g.to(dev)).sum().backward()
+    row_map = plan.row_map.cpu()
+    expected = torch.zeros(30, 2)
+    for t, j in (row_map >= 0).nonzero().tolist():
+        expected[t, j] = g[row_map[t, j]]
+    assert torch.equal(ws.grad.cpu(), expected)
+
+
+def test_permute_plan_compiles_fullgraph(kernel_backend):
+    dev = device_of(kernel_backend)
+    _, ids, w = make_inputs(20, 1, 8, 2, torch.float32, seed=2)
+
+    def step(ids, w):
+        plan = moe_kernels.permute_plan(ids, 8, capacity=4, align=2, drop_policy="weight", weights=w)
+        return plan.row_map, plan.offsets, plan.gather, plan.weights * 2, plan.num_rows
+
+    ws = w.clone().to(dev).requires_grad_()
+    torch._dynamo.reset()
+    with moe_kernels.use_backend(kernel_backend):
+        eager = step(ids.to(dev), ws)
+        traced = torch.compile(step, fullgraph=True, backend="aot_eager")(ids.to(dev), ws)
+        for a, b in zip(eager, traced):
+            assert torch.equal(a, b)
+        grad_eager = torch.autograd.grad(eager[3].sum(), ws)[0]
+        grad_traced = torch.autograd.grad(traced[3].sum(), ws)[0]
+    assert torch.equal(grad_eager, grad_traced)
+
+
+@pytest.mark.parametrize("args", [
+    (torch.randint(0, 12, (6, 2), dtype=torch.int32), torch.rand(6, 2), 12, -1, 4, False, 0, 12),
+    (torch.randint(0, 12, (6, 2), dtype=torch.int64), None, 12, 1, 1, False, 2, 10),
+    (torch.randint(0, 12, (6, 2), dtype=torch.int32), torch.rand(6, 2), 12, 2, 2, True, 0, 12),
+    (torch.zeros(0, 2, dtype=torch.int32), torch.rand(0, 2), 12, 2, 2, True, 0, 12),
+], ids=["dropless", "int64-range", "weight", "empty"])
+def test_permute_plan_opcheck(args):
+    torch.library.opcheck(torch.ops.moe_kernels.permute_plan.default, ("simt",) + args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+# ----------------------------------------------------------------------------------------
+# Inputs as users pass them.
+
+def test_int64_and_non_contiguous_inputs(backend):
+    """ids as torch.topk returns them (int64), views that are not contiguous: the same
+    results as contiguous int32 inputs."""
+    g = torch.Generator().manual_seed(11)
+    scores = torch.rand(50, 16, generator=g)
+    w64, ids64 = scores.topk(4, dim=1)
+    assert ids64.dtype == torch.int64
+    x_wide = torch.randn(50, 24, generator=g).to(torch.float16)
+    x = x_wide[:, ::2]  # non-contiguous rows
+    ids_nc = ids64.t().contiguous().t()  # int64, column-major
+    w_nc = w64.t().contiguous().t()
+    assert not x.is_contiguous() and not ids_nc.is_contiguous() and not w_nc.is_contiguous()
+    dev = device_of(backend)
+    kw = dict(capacity=14, align=4, drop_policy="weight")
+    want = ref_permute(x.contiguous(), ids64.to(torch.int32), 16, weights=w64.contiguous(), **kw)
+    out = run(backend, moe_kernels.permute, x.to(dev), ids_nc.to(dev), 16, weights=w_nc.to(dev), **kw)
+    for got, expected in zip(out, want):
+        assert torch.equal(got.cpu(), expected)
+    plan = run(backend, moe_kernels.permute_plan, ids_nc.to(dev), 16, weights=w_nc.to(dev), **kw)
+    assert torch.equal(plan.row_map.cpu(), want.row_map)
+    # unpermute: a non-contiguous y_perm, int32 row_map, non-contiguous weights.
+    y_wide = torch.randn(want.x.shape[0], 2 * 24, generator=g).to(torch.float16)
+    y_perm = y_wide[:, ::4]
+    expected = reference.unpermute(y_perm.contiguous(), want.row_map, w64.contiguous())
+    got = run(backend, moe_kernels.unpermute, y_perm.to(dev), want.row_map.to(torch.int32).to(dev),
+              w_nc.to(dev))
+    assert torch.equal(got.cpu(), expected)
+
+
+def test_int64_ids_beyond_int32_are_dropped_by_the_kernel(kernel_backend):
+    """An int64 id is never truncated to an int32 one: 2^32 + 1 is out of range, not 1."""
+    ids = torch.tensor([[1, (1 << 32) + 1], [-(1 << 40), 2], [3, 1]], dtype=torch.int64)
+    dev = device_of(kernel_backend)
+    row_map, offsets, gather, num_rows, _ = native(kernel_backend).permute_plan(
+        ids.to(dev), None, 4, -1, 1, False, 0, 4)
+    assert row_map.cpu().tolist() == [[0, -1], [-1, 2], [3, 1]]
+    assert offsets.cpu().tolist() == [0, 0, 2, 3, 4]
+    assert gather.cpu().tolist() == [0, 2, 1, 2, -1, -1]
+
+
+# ----------------------------------------------------------------------------------------
+# Edge cases: no tokens, no rows, non-finite weights, huge capacities.
+
+def test_empty_batch_with_drop_by_weight(backend):
+    dev = device_of(backend)
+    x = torch.zeros(0, 8, device=dev)
+    ids = torch.zeros(0, 2, dtype=torch.int32, device=dev)
+    w = torch.zeros(0, 2, device=dev)
+    out = run(backend, moe_kernels.permute, x, ids, 4, capacity=3, align=2, drop_policy="weight",
+              weights=w)
+    assert out.x.shape == (16, 8) and torch.all(out.x.cpu() == 0)
+    assert out.row_map.shape == (0, 2)
+    assert out.offsets.cpu().tolist() == [0, 4, 8, 12, 16]
+    assert out.weights.shape == (16,) and torch.all(out.weights.cpu() == 0)
+    plan = run(backend, moe_kernels.permute_plan, ids, 4, capacity=3, align=2, drop_policy="weight",
+               weights=w)
+    assert plan.gather.cpu().tolist() == [-1] * 16
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_capacity_zero_backward(backend, compiled):
+    """capacity 0: no rows at all (M = 0); the backward gives zero gradients."""
+    x, ids, w = make_inputs(6, 8, 4, 2, torch.float32)
+    dev = device_of(backend)
+    xs = x.to(dev).requires_grad_()
+    ws = w.to(dev).requires_grad_()
+
+    def step(xs, ws):
+        out = moe_kernels.permute(xs, ids.to(dev), 4, capacity=0, weights=ws, drop_policy="weight")
+        return out.x.sum() + out.weights.sum()
+
+    torch._dynamo.reset()
+    fn = torch.compile(step, fullgraph=True, backend="aot_eager") if compiled else step
+    with moe_kernels.use_backend(backend):
+        fn(xs, ws).backward()
+    assert torch.equal(xs.grad.cpu(), torch.zeros(6, 8))
+    assert torch.equal(ws.grad.cpu(), torch.zeros(6, 2))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_weights,need", [  # the weight gradient needs weights
+    (True, (True, True)), (True, (True, False)), (True, (False, True)), (True, (False, False)),
+    (False, (True, False)), (False, (False, False))])
+def test_unpermute_backward_opcheck(dtype, with_weights, need):
+    row_map = torch.randperm(12)[:12].view(6, 2).long()
+    weights = torch.rand(6, 2) if with_weights else None
+    args = (torch.randn(6, 8).to(dtype), torch.randn(12, 8).to(dtype), row_map, weights) + need
+    torch.library.opcheck(torch.ops.moe_kernels.unpermute_backward.default, ("simt",) + args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_unpermute_gradients_ignore_skipped_entries(backend):
+    """A dropped slot (row_map -1) with a NaN weight, and a non-finite row 0 that no one
+    reads: gradients stay finite and exact, as a naive loop computes them."""
+    y_perm = torch.tensor([[float("inf"), float("nan")], [1.0, 2.0], [3.0, -1.0], [0.5, 0.25],
+                           [2.0, 4.0]])
+    row_map = torch.tensor([[1, -1], [-1, 2], [3, 4]])  # distinct rows, as permute makes them
+    w = torch.tensor([[0.5, float("nan")], [float("inf"), 2.0], [1.0, 4.0]])
+    grad = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+    dev = device_of(backend)
+    ys = y_perm.to(dev).requires_grad_()
+    ws = w.to(dev).requires_grad_()
+    y = run(backend, moe_kernels.unpermute, ys, row_map.to(dev), ws)
+    (y * grad.to(dev)).sum().backward()
+    expected_y = torch.zeros(5, 2)
+    expected_w = torch.zeros(3, 2)
+    for t in range(3):
+        for j in range(2):
+            r = int(row_map[t, j])
+            if r >= 0:
+                expected_y[r] += w[t, j] * grad[t]
+                expected_w[t, j] = (grad[t] * y_perm[r]).sum()
+    assert torch.equal(ys.grad.cpu(), expected_y)
+    assert torch.equal(ws.grad.cpu(), expected_w)
+
+
+def test_unpermute_of_no_rows_is_differentiable(backend):
+    dev = device_of(backend)
+    ys = torch.zeros(0, 4, device=dev, requires_grad=True)
+    ws = torch.rand(3, 2, device=dev, requires_grad=True)
+    row_map = torch.full((3, 2), -1, device=dev)
+    y = run(backend, moe_kernels.unpermute, ys, row_map, ws)
+    assert y.shape == (3, 4) and torch.all(y.cpu() == 0)
+    assert y.grad_fn is not None
+    y.sum().backward()
+    assert ys.grad.shape == (0, 4)
+    assert torch.equal(ws.grad.cpu(), torch.zeros(3, 2))
+
+
+@pytest.mark.parametrize("capacity", range(0, 9))
+def test_weight_drop_ranks_nan_as_minus_inf(backend, capacity):
+    """+inf first, NaN and -inf tie at the bottom (the lower (token, slot) wins the tie)."""
+    nan, inf = float("nan"), float("inf")
+    w = torch.tensor([[nan, -inf], [inf, 1.0], [-inf, nan], [0.5, -inf]])
+    ids = torch.zeros(4, 2, dtype=torch.int32)
+    dev = device_of(backend)
+    plan = run(backend, moe_kernels.permute_plan, ids.to(dev), 1, capacity=capacity,
+               weights=w.to(dev), drop_policy="weight")
+    row_map, _, kept = naive_permute(ids, 1, capacity, 1, "weight", w)
+    assert torch.equal(plan.row_map.cpu(), row_map)
+    # Order by rank: inf (1,0), 1.0 (1,1), 0.5 (3,0), then NaN/-inf by (token, slot).
+    by_rank = [(1, 0), (1, 1), (3, 0), (0, 0), (0, 1), (2, 0), (2, 1), (3, 1)]
+    kept_set = {tuple(tj) for tj in (row_map >= 0).nonzero().tolist()}
+    assert kept_set == set(by_rank[:capacity])
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(capacity=(1 << 31) - 1), "capacity: the outputs would have"),
+    (dict(capacity=(1 << 29) + 1, align=1 << 20), "capacity: the outputs would have"),
+    (dict(align=1 << 20, num_experts=4096), "align: the outputs would have"),
+    (dict(capacity=1 << 31), "capacity: expected"),
+])
+def test_outputs_beyond_2_to_the_31_rows_are_refused(backend, kw, match):
+    kw = dict(kw)
+    E = kw.pop("num_experts", 6)
+    dev = device_of(backend)
+    x, ids = torch.randn(4, 8, device=dev), torch.zeros(4, 2, dtype=torch.int32, device=dev)
+    with pytest.raises(ValueError, match=match):
+        run(backend, moe_kernels.permute, x, ids, E, **kw)
+    with pytest.raises(ValueError, match=match):
+        run(backend, moe_kernels.permute_plan, ids, E, **kw)
+
+
+def test_outputs_beyond_2_to_the_31_rows_are_refused_by_the_adapter():
+    m = native("simt")
+    ids = torch.zeros(4, 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match="capacity: the outputs would have"):
+        m.permute_plan(ids, None, 6, (1 << 31) - 1, 1, False, 0, 6)
+    with pytest.raises(ValueError, match="align: the outputs would have"):
+        m.permute(torch.randn(4, 8), ids, None, 4096, -1, 1 << 20, False, 0, 4096)
+
+
+# ----------------------------------------------------------------------------------------
+# Expert maps (vLLM's expert_map): global expert -> local index or -1.
+
+def random_expert_map(E, L, seed):
+    g = torch.Generator().manual_seed(seed)
+    expert_map = torch.full((E,), -1, dtype=torch.int32)
+    expert_map[torch.randperm(E, generator=g)[:L]] = torch.randperm(L, generator=g).to(torch.int32)
+    return expert_map
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(align=8), dict(capacity=9), dict(capacity=4, align=4),
+                                dict(capacity=7, drop_policy="weight", align=2)], ids=str)
+def test_expert_map_matches_reference_and_naive_loop(backend, kw):
+    x, ids, w = make_inputs(90, 8, 12, 3, torch.float32, seed=6, distinct=False)
+    expert_map = random_expert_map(12, 5, seed=len(kw))
+    dev = device_of(backend)
+    plan = run(backend, moe_kernels.permute_plan, ids.to(dev), 12, weights=w.to(dev),
+               expert_range=expert_map.to(dev), **kw)
+    ref = reference.permute_plan(ids, 12, weights=w, expert_range=expert_map, **kw)
+    for got, want in zip(plan, ref):
+        assert torch.equal(got.cpu(), want)
+    row_map, offsets, _ = naive_permute(ids, 12, weights=w, expert_range=expert_map, **kw)
+    assert torch.equal(plan.row_map.cpu(), row_map)
+    assert torch.equal(plan.offsets.cpu(), offsets)
+    assert torch.all(plan.offsets.cpu()[5:] == plan.offsets.cpu()[5])  # past L: empty
+    M = static_rows(90, 3, 12, kw.get("capacity"), kw.get("align", 1))
+    assert torch.equal(plan.gather.cpu(), naive_gather(row_map, M))
+    out = run(backend, moe_kernels.permute, x.to(dev), ids.to(dev), 12, weights=w.to(dev),
+              expert_range=expert_map.to(torch.int64).to(dev), **kw)
+    assert torch.equal(out.row_map.cpu(), row_map)
+    assert torch.equal(out.x.cpu(), ref_permute(x, ids, 12, weights=w, expert_range=expert_map, **kw).x)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(capacity=6, align=4)], ids=str)
+def test_expert_range_is_the_map_special_case(backend, kw):
+    """(start, end) lays out the rows as the map e - start does; its offsets keep the
+    global positions (offsets[start:end + 1] are the map's offsets[:L + 1])."""
+    _, ids, _ = make_inputs(60, 1, 10, 2, torch.float32, seed=8, distinct=False)
+    start, end = 3, 7
+    expert_map = torch.tensor([e - start if start <= e < end else -1 for e in range(10)])
+    dev = device_of(backend)
+    by_range = run(backend, moe_kernels.permute_plan, ids.to(dev), 10, expert_range=(start, end), **kw)
+    by_map = run(backend, moe_kernels.permute_plan, ids.to(dev), 10, expert_range=expert_map.to(dev), **kw)
+    assert torch.equal(by_range.row_map, by_map.row_map)
+    assert torch.equal(by_range.gather, by_map.gather)
+    assert torch.equal(by_range.offsets[start:end + 1], by_map.offsets[:end - start + 1])
+
+
+def test_unchecked_expert_map_is_safe_in_the_kernel(kernel_backend):
+    """A map that is not a permutation (as a GPU map may be: it is not read on the host):
+    out-of-range entries count as -1, L = entries >= 0, local indices >= L are dropped,
+    duplicates share a segment; the kernel agrees with the reference and never indexes out
+    of bounds. The adapter is called directly (the public API checks CPU maps)."""
+    expert_map = torch.tensor([4, -1, 0, 0, 9, -3], dtype=torch.int32)  # L = 3
+    _, ids, w = make_inputs(40, 1, 6, 2, torch.float32, seed=3, distinct=False)
+    dev = device_of(kernel_backend)
+    for capacity, by_weight in ((-1, False), (5, False), (5, True)):
+        got = native(kernel_backend).permute_plan(ids.to(dev), w.to(dev), 6, capacity, 2, by_weight, 0, 6,
+                                                  expert_map.to(dev))
+        want = reference.permute_plan(ids, 6, capacity=None if capacity < 0 else capacity, align=2,
+                                      drop_policy="weight" if by_weight else "position", weights=w,
+                                      expert_range=expert_map)
+        for name, a, b in zip(("row_map", "offsets", "gather", "num_rows", "weights"), got,
+                              (want[0], want[1], want[2], want[4], want[3])):
+            assert torch.equal(a.cpu(), b), (capacity, name)
+
+
+@pytest.mark.parametrize("expert_map,error,match", [
+    (torch.tensor([0, 1, -1]), ValueError, "expert_range: expected an expert map of num_experts"),
+    (torch.tensor([[0, 1, -1, -1]]), ValueError, "expert_range: expected a 1-D"),
+    (torch.tensor([0.0, 1.0, -1.0, -1.0]), TypeError, "expert_range: expected dtype"),
+    (torch.tensor([0, 0, -1, -1]), ValueError, "permutation of 0..L-1"),
+    (torch.tensor([0, 2, -1, -1]), ValueError, "permutation of 0..L-1"),
+    (torch.tensor([0, 1, -2, -1]), ValueError, "permutation of 0..L-1"),
+])
+def test_bad_expert_map(backend, expert_map, error, match):
+    dev = device_of(backend)
+    ids = torch.zeros(4, 2, dtype=torch.int32, device=dev)
+    with pytest.raises(error, match=match):
+        run(backend, moe_kernels.permute_plan, ids, 4, expert_range=expert_map.to(dev))
+    with pytest.raises(error, match=match):
+        run(backend, moe_kernels.permute, torch.randn(4, 8, device=dev), ids, 4,
+            expert_range=expert_map.to(dev))

@@ -57,6 +57,8 @@ def workload():
         big_x = torch.randn(700, 8, generator=g)
         moe_kernels.permute(big_x, big_ids, 7)
         moe_kernels.permute(big_x, big_ids, 7, capacity=90, drop_policy="weight", weights=big_w)
+        # An expert range: the offsets kernel's threads then read counts other threads wrote.
+        moe_kernels.permute(big_x, big_ids, 7, expert_range=(2, 7))
 
 
 def test_workload_is_race_free(monkeypatch):

@@ -20,87 +20,130 @@ void check_rows(const at::Tensor& t, const char* arg) {
   check_contiguous(t, arg);
 }
 
-}  // namespace
+// Rows of the outputs (the static bound M): row indices then fit in int32.
+constexpr int64_t kMaxRows = (int64_t{1} << 31) - 1;
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> permute(
-    const at::Tensor& x, const at::Tensor& ids, const std::optional<at::Tensor>& weights,
-    int64_t num_experts, int64_t capacity, int64_t align, bool drop_by_weight,
-    int64_t expert_begin, int64_t expert_end) {
-  check_rows(x, "x");
-  const DType dtype = float_dtype(x, "x");
-  check_input(ids, "ids", at::kInt, 2, x);
-  MOE_CHECK_VALUE(ids.size(0) == x.size(0), "ids", "expected ", x.size(0),
-                  " rows (one per token of x), got shape ", ids.sizes());
+struct Plan {
+  at::Tensor row_map, offsets, gather, num_rows;
+  std::optional<at::Tensor> weights;
+};
+
+// The index stage (permute_plan): checks its arguments, allocates and launches.
+Plan run_permute_plan(const at::Tensor& ids, const std::optional<at::Tensor>& weights,
+                      int64_t num_experts, int64_t capacity, int64_t align, bool drop_by_weight,
+                      int64_t expert_begin, int64_t expert_end,
+                      const std::optional<at::Tensor>& expert_map) {
+  check_device(ids, "ids");
+  MOE_CHECK_TYPE(ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong, "ids",
+                 "expected dtype int32 or int64, got ", ids.scalar_type());
+  check_dim(ids, 2, "ids");
+  check_contiguous(ids, "ids");
   const int64_t T = ids.size(0);
   const int64_t k = ids.size(1);
   MOE_CHECK_VALUE(k >= 1, "ids", "expected at least one column (k >= 1), got shape ", ids.sizes());
   MOE_CHECK_VALUE(T * k < (int64_t{1} << 31), "ids", "expected fewer than 2^31 entries, got ", T * k);
   MOE_CHECK_VALUE(num_experts >= 1 && num_experts <= kMaxExperts, "num_experts",
                   "expected 1 to ", kMaxExperts, ", got ", num_experts);
-  MOE_CHECK_VALUE(capacity >= -1 && capacity < (int64_t{1} << 31), "capacity",
+  MOE_CHECK_VALUE(capacity >= -1 && capacity <= kMaxRows, "capacity",
                   "expected -1 (dropless) or 0 <= capacity < 2^31, got ", capacity);
-  MOE_CHECK_VALUE(align >= 1 && align <= (int64_t{1} << 20), "align",
-                  "expected 1 <= align <= 2^20, got ", align);
+  MOE_CHECK_VALUE(align >= 1 && align <= kMaxAlign, "align",
+                  "expected 1 <= align <= ", kMaxAlign, ", got ", align);
   MOE_CHECK_VALUE(0 <= expert_begin && expert_begin < expert_end && expert_end <= num_experts,
                   "expert_range", "expected 0 <= start < end <= num_experts (", num_experts,
                   "), got (", expert_begin, ", ", expert_end, ")");
   if (weights) check_pair_weights(*weights, ids, "weights");
+  if (expert_map) {
+    // Its entries are not read here (on a GPU that would be a host sync): the kernels
+    // treat any value safely.
+    check_input(*expert_map, "expert_map", at::kInt, 1, ids);
+    MOE_CHECK_VALUE(expert_map->size(0) == num_experts, "expert_map", "expected ", num_experts,
+                    " entries (num_experts), got shape ", expert_map->sizes());
+  }
   MOE_CHECK_VALUE(!(drop_by_weight && capacity >= 0 && !weights), "weights",
                   "drop_policy 'weight' needs the routing weights");
-
-  const c10::DeviceGuard guard(x.device());
-  const int64_t H = x.size(1);
   // The static bound of the contract, from E even with an expert_range: known without the ids.
   const int64_t M = capacity < 0 ? T * k + num_experts * (align - 1)
                                   : num_experts * round_up_host(capacity, align);
+  MOE_CHECK_VALUE(M <= kMaxRows, capacity < 0 ? "align" : "capacity",
+                  "the outputs would have ", M, " rows (", capacity < 0
+                      ? "T*k + num_experts * (align - 1)" : "num_experts * round_up(capacity, align)",
+                  "); expected at most 2^31 - 1");
+
+  const c10::DeviceGuard guard(ids.device());
   const auto i64 = ids.options().dtype(at::kLong);
-  at::Tensor x_perm = at::empty({M, H}, x.options());
-  at::Tensor row_map = at::empty({T, k}, i64);
-  at::Tensor offsets = at::empty({num_experts + 1}, i64);
-  at::Tensor num_rows = at::empty({1}, i64);
-  at::Tensor seg_fill = at::empty({num_experts}, i64);
-  std::optional<at::Tensor> weights_out;
-  if (weights) weights_out = at::zeros({M}, weights->options());
+  Plan plan;
+  plan.row_map = at::empty({T, k}, i64);
+  plan.offsets = at::empty({num_experts + 1}, i64);
+  plan.gather = at::full({M}, -1, i64);  // the index stage writes the rows that hold a token
+  plan.num_rows = at::empty({1}, i64);
+  if (weights) plan.weights = at::zeros({M}, weights->options());
   const size_t workspace_bytes =
       permute_index_workspace_bytes(T, static_cast<int>(k), static_cast<int>(num_experts));
   at::Tensor workspace = at::empty({static_cast<int64_t>(workspace_bytes)}, ids.options().dtype(at::kByte));
 
   PermuteIndexParams p;
-  p.ids = ids.data_ptr<int32_t>();
+  p.ids = ids.data_ptr();
+  p.ids_int64 = ids.scalar_type() == at::kLong;
   p.weights = weights ? weights->data_ptr<float>() : nullptr;
   p.num_tokens = T;
   p.k = static_cast<int>(k);
   p.num_experts = static_cast<int>(num_experts);
   p.expert_begin = static_cast<int>(expert_begin);
   p.expert_end = static_cast<int>(expert_end);
+  p.expert_map = expert_map ? expert_map->data_ptr<int32_t>() : nullptr;
   p.capacity = capacity;
   p.align = align;
   p.drop_by_weight = drop_by_weight;
-  p.row_map = row_map.data_ptr<int64_t>();
-  p.offsets = offsets.data_ptr<int64_t>();
-  p.num_rows = num_rows.data_ptr<int64_t>();
-  p.seg_fill = seg_fill.data_ptr<int64_t>();
-  p.weights_out = weights_out ? weights_out->data_ptr<float>() : nullptr;
+  p.row_map = plan.row_map.data_ptr<int64_t>();
+  p.offsets = plan.offsets.data_ptr<int64_t>();
+  p.num_rows = plan.num_rows.data_ptr<int64_t>();
+  p.gather = plan.gather.data_ptr<int64_t>();
+  p.weights_out = plan.weights ? plan.weights->data_ptr<float>() : nullptr;
   p.workspace = workspace.data_ptr();
-  const cudaStream_t stream = current_stream(x);
-  launch_permute_index(p, stream);
+  launch_permute_index(p, current_stream(ids));
+  return plan;
+}
 
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> permute_plan(
+    const at::Tensor& ids, const std::optional<at::Tensor>& weights, int64_t num_experts,
+    int64_t capacity, int64_t align, bool drop_by_weight, int64_t expert_begin, int64_t expert_end,
+    const std::optional<at::Tensor>& expert_map) {
+  Plan plan = run_permute_plan(ids, weights, num_experts, capacity, align, drop_by_weight,
+                               expert_begin, expert_end, expert_map);
+  return {plan.row_map, plan.offsets, plan.gather, plan.num_rows, plan.weights};
+}
+
+// permute = the plan + the row stage.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> permute(
+    const at::Tensor& x, const at::Tensor& ids, const std::optional<at::Tensor>& weights,
+    int64_t num_experts, int64_t capacity, int64_t align, bool drop_by_weight,
+    int64_t expert_begin, int64_t expert_end, const std::optional<at::Tensor>& expert_map) {
+  check_rows(x, "x");
+  const DType dtype = float_dtype(x, "x");
+  check_same_device(ids, x, "ids");
+  check_dim(ids, 2, "ids");
+  MOE_CHECK_VALUE(ids.size(0) == x.size(0), "ids", "expected ", x.size(0),
+                  " rows (one per token of x), got shape ", ids.sizes());
+  Plan plan = run_permute_plan(ids, weights, num_experts, capacity, align, drop_by_weight,
+                               expert_begin, expert_end, expert_map);
+
+  const c10::DeviceGuard guard(x.device());
+  const int64_t M = plan.gather.size(0);
+  at::Tensor x_perm = at::empty({M, x.size(1)}, x.options());
   ScatterRowsParams s;
   s.x = x.data_ptr();
   s.dtype = dtype;
-  s.num_tokens = T;
-  s.hidden = H;
-  s.k = static_cast<int>(k);
-  s.row_map = p.row_map;
+  s.num_tokens = ids.size(0);
+  s.hidden = x.size(1);
+  s.k = static_cast<int>(ids.size(1));
+  s.row_map = plan.row_map.data_ptr<int64_t>();
   s.out = x_perm.data_ptr();
   s.num_out_rows = M;
-  s.offsets = p.offsets;
-  s.seg_fill = p.seg_fill;
-  s.num_experts = p.num_experts;
-  // Dropless: a segment pads fewer than align rows; capacity: up to its whole slot.
-  s.max_padding = capacity < 0 ? align - 1 : round_up_host(capacity, align);
-  launch_scatter_rows(s, stream);
-  return {x_perm, row_map, offsets, num_rows, weights_out};
+  s.gather = plan.gather.data_ptr<int64_t>();
+  launch_scatter_rows(s, current_stream(x));
+  return {x_perm, plan.row_map, plan.offsets, plan.num_rows, plan.weights};
 }
 
 at::Tensor unpermute(const at::Tensor& y_perm, const at::Tensor& row_map,
@@ -183,7 +226,11 @@ void register_permute(pybind11::module_& m) {
   m.def("permute", &permute, "Token permutation into expert-contiguous rows", py::arg("x"),
         py::arg("ids"), py::arg("weights"), py::arg("num_experts"), py::arg("capacity"),
         py::arg("align"), py::arg("drop_by_weight"), py::arg("expert_begin"),
-        py::arg("expert_end"));
+        py::arg("expert_end"), py::arg("expert_map") = py::none());
+  m.def("permute_plan", &permute_plan, "Row layout of permute (the index stage alone)",
+        py::arg("ids"), py::arg("weights"), py::arg("num_experts"), py::arg("capacity"),
+        py::arg("align"), py::arg("drop_by_weight"), py::arg("expert_begin"),
+        py::arg("expert_end"), py::arg("expert_map") = py::none());
   m.def("unpermute", &unpermute, "Weighted sum of each token's permuted rows",
         py::arg("y_perm"), py::arg("row_map"), py::arg("weights"));
   m.def("unpermute_backward", &unpermute_backward, "Gradients of unpermute",

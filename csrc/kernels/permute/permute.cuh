@@ -7,20 +7,23 @@
 //           order of the increments).
 //   offsets one block: per expert, an exclusive scan of its tile counts (the rank of the
 //           tile's first assignment inside the expert), then a scan over the experts for
-//           the segment starts, offsets, num_rows and seg_fill.
+//           the segment starts, offsets and num_rows.
 //   place   one warp per tile walks the tile in order, 32 assignments per round; lanes
 //           going to the same expert find each other with ballots over the expert's bits,
 //           so an assignment's rank inside its expert is exact (token, slot) order.
 //   (with a single tile, count + offsets + place run as one block in one launch: small
 //   batches are latency-bound)
 //   select  (capacity with drop_policy "weight") one block per local expert: a radix
-//           select of the capacity-th largest weight, then a block scan that keeps the
-//           winners in (token, slot) order.
+//           select of the capacity-th largest weight (keys kept in registers for up to
+//           1024 assignments, per-warp aggregated histogram, digit found by a block scan),
+//           then a block scan that keeps the winners in (token, slot) order.
+// Where an assignment gets row r, the stage also writes gather[r] (its token) and the
+// permuted weight: permute_plan is this stage alone.
 // Products round on their own, never fused into a following add (the build's -fmad=false,
 // and no contraction on the host), so the sums of unpermute and the scaled rows round
 // exactly as PyTorch's separate mul and add kernels do, on the GPU and in the emulator.
-// Row stage: scatter_rows reads each token's row once and writes it to its k rows;
-// gather_rows (unpermute) reads the k rows of a token and writes the fp32 sum once.
+// Row stage: scatter_rows reads each token's row once and writes it to its k rows, and
+// zeroes the rows whose gather entry is -1; gather_rows (unpermute) reads the k rows of a token and writes the fp32 sum once.
 #pragma once
 
 #include "../common/launch.cuh"
@@ -43,7 +46,11 @@ __host__ __device__ __forceinline__ int64_t round_up(int64_t value, int64_t mult
 
 // Workspace of the index stage, carved from one buffer (all int32: T * k < 2^31).
 struct IndexWorkspace {
-  int32_t* tile_counts;  // [E][num_tiles]: counts, then exclusive bases after `offsets`
+  // [num_tiles][num_local]: counts, then exclusive bases after `offsets`. Tile-major, so
+  // the count kernel's writes, the place kernel's reads (one tile each) and the offsets
+  // kernel's scan (a thread per expert, the threads of a warp on consecutive experts)
+  // are all coalesced.
+  int32_t* tile_counts;
   int32_t* counts;       // [E]: assignments of each local expert
   int32_t* list_start;   // [E]: exclusive scan of counts (start in `sorted`)
   int32_t* sorted;       // [T * k]: assignments grouped by local expert (weight policy)
@@ -66,6 +73,33 @@ inline IndexWorkspace index_workspace(void* base, int64_t num_assignments, int n
   p += num_experts;
   w.sorted = p;
   return w;
+}
+
+// Expert id of assignment a, read as int32 or int64 (torch.topk's ids need no conversion);
+// an int64 id that does not fit in int32 becomes -1 (never local, like any bad id).
+__device__ __forceinline__ int load_id(const PermuteIndexParams& p, int64_t a) {
+  if (!p.ids_int64) return static_cast<const int32_t*>(p.ids)[a];
+  const int64_t id = static_cast<const int64_t*>(p.ids)[a];
+  return id >= 0 && id < p.num_experts ? static_cast<int>(id) : -1;
+}
+
+// Local experts have keys 0..num_keys-1 (the counters): e - expert_begin for the range; the
+// map's local index with a map (entries outside [0, E) count as -1: never trusted).
+__host__ __device__ inline int num_keys(const PermuteIndexParams& p) {
+  return p.expert_map != nullptr ? p.num_experts : p.expert_end - p.expert_begin;
+}
+
+__device__ __forceinline__ int local_key(const PermuteIndexParams& p, int e) {
+  if (p.expert_map == nullptr) return e >= p.expert_begin && e < p.expert_end ? e - p.expert_begin : -1;
+  if (e < 0 || e >= p.num_experts) return -1;
+  const int m = p.expert_map[e];
+  return m >= 0 && m < p.num_experts ? m : -1;
+}
+
+// The segment (index of offsets) of a key: the range keeps experts at their global
+// positions, a map orders segments by local index.
+__device__ __forceinline__ int segment_of_key(const PermuteIndexParams& p, int key) {
+  return p.expert_map != nullptr ? key : key + p.expert_begin;
 }
 
 // Maps a weight to an unsigned key whose order is the weights' order: NaN ranks as -inf,
@@ -141,32 +175,45 @@ __device__ __forceinline__ void count_tile(const PermuteIndexParams& p, int32_t*
   const int64_t begin = static_cast<int64_t>(tile) * kPermuteTile;
   const int64_t end = min(begin + kPermuteTile, n);
   for (int64_t a = begin + threadIdx.x; a < end; a += blockDim.x) {
-    const int e = p.ids[a];
     // Out-of-range ids are never local: they are dropped, never indexed.
-    if (e >= p.expert_begin && e < p.expert_end) atomicAdd(&counts[e - p.expert_begin], 1);
+    const int key = local_key(p, load_id(p, a));
+    if (key >= 0) atomicAdd(&counts[key], 1);
   }
 }
 
-// From the per-expert totals `counts` (shared memory): offsets, seg_fill, num_rows and
-// list_start. Every thread of a kOffsetsThreads block calls it.
+// From the per-key totals `counts` (shared memory): offsets, num_rows and list_start.
+// Every thread of a kOffsetsThreads block calls it.
 __device__ __forceinline__ void scan_experts(const PermuteIndexParams& p, const IndexWorkspace& w,
                                              const int32_t* counts, int64_t* warp_totals) {
-  // Each thread takes a run of consecutive experts, all E of them (offsets has E + 1).
+  // Each thread takes a run of consecutive segments, all E of them (offsets has E + 1).
   const int E = p.num_experts;
+  // With a map, segments 0..L-1 exist, L = map entries in [0, E) (a permutation of 0..L-1
+  // when the map is valid: checked on the host for CPU maps only).
+  int64_t map_segments = 0;
+  if (p.expert_map != nullptr) {
+    int64_t mine = 0;
+    for (int e = threadIdx.x; e < E; e += kOffsetsThreads) {
+      const int m = p.expert_map[e];
+      mine += m >= 0 && m < E ? 1 : 0;
+    }
+    block_exclusive_scan<kOffsetsThreads>(mine, warp_totals, &map_segments);
+  }
+  const int keys = num_keys(p);
   const int per_thread = (E + kOffsetsThreads - 1) / kOffsetsThreads;
   const int first = threadIdx.x * per_thread;
   const int last = min(first + per_thread, E);
   const bool dropless = p.capacity < 0;
   const int64_t slot_rows = dropless ? 0 : round_up(p.capacity, p.align);
-  auto count_of = [&](int e) -> int64_t {
-    return (e >= p.expert_begin && e < p.expert_end) ? counts[e - p.expert_begin] : 0;
+  auto key_of = [&](int s) -> int { return p.expert_map != nullptr ? s : s - p.expert_begin; };
+  auto count_of = [&](int s) -> int64_t {  // assignments with the segment's key
+    const int key = key_of(s);
+    return key >= 0 && key < keys ? counts[key] : 0;
   };
-  auto rows_of = [&](int e) -> int64_t {  // segment size
-    if (e < p.expert_begin || e >= p.expert_end) return 0;
-    return dropless ? round_up(count_of(e), p.align) : slot_rows;
-  };
-  auto kept_of = [&](int e) -> int64_t {
-    return dropless ? count_of(e) : min(count_of(e), p.capacity);
+  auto rows_of = [&](int s) -> int64_t {  // segment size
+    const bool exists = p.expert_map != nullptr ? s < map_segments
+                                                : s >= p.expert_begin && s < p.expert_end;
+    if (!exists) return 0;
+    return dropless ? round_up(count_of(s), p.align) : slot_rows;
   };
   int64_t my_rows = 0, my_count = 0;
   for (int e = first; e < last; ++e) {
@@ -178,10 +225,7 @@ __device__ __forceinline__ void scan_experts(const PermuteIndexParams& p, const 
   int64_t listed = block_exclusive_scan<kOffsetsThreads>(my_count, warp_totals, &total_count);
   for (int e = first; e < last; ++e) {
     p.offsets[e] = row;
-    p.seg_fill[e] = row + kept_of(e);
-    if (e >= p.expert_begin && e < p.expert_end) {
-      w.list_start[e - p.expert_begin] = static_cast<int32_t>(listed);
-    }
+    if (key_of(e) >= 0 && key_of(e) < keys) w.list_start[key_of(e)] = static_cast<int32_t>(listed);
     row += rows_of(e);
     listed += count_of(e);
   }
@@ -195,7 +239,7 @@ __device__ __forceinline__ void scan_experts(const PermuteIndexParams& p, const 
 // `placed[l]` (shared) starts at the rank of the tile's first assignment to expert l.
 __device__ __forceinline__ void place_tile(const PermuteIndexParams& p, const IndexWorkspace& w,
                                            int32_t* placed, int tile) {
-  const int num_local = p.expert_end - p.expert_begin;
+  const int num_local = num_keys(p);
   const int lane = threadIdx.x % 32;
   // Keys 0..num_local (num_local: not local) fit in `bits` bits.
   const int bits = 32 - __clz(num_local);
@@ -206,9 +250,9 @@ __device__ __forceinline__ void place_tile(const PermuteIndexParams& p, const In
   for (int64_t first = begin; first < end; first += 32) {
     const int64_t a = first + lane;
     const bool in_range = a < end;
-    const int e = in_range ? p.ids[a] : -1;
-    const bool local = e >= p.expert_begin && e < p.expert_end;
-    const int key = local ? e - p.expert_begin : num_local;
+    const int local_index = in_range ? local_key(p, load_id(p, a)) : -1;
+    const bool local = local_index >= 0;
+    const int key = local ? local_index : num_local;
     // The lanes of this round with the same key (a __match_any_sync built from ballots).
     unsigned peers = kFullMask;
     for (int bit = 0; bit < bits; ++bit) {
@@ -228,23 +272,31 @@ __device__ __forceinline__ void place_tile(const PermuteIndexParams& p, const In
         w.sorted[w.list_start[key] + rank] = static_cast<int32_t>(a);
         continue;  // the select kernel writes this row_map entry
       }
-      if (p.capacity < 0 || rank < p.capacity) row = p.offsets[e] + rank;
+      // A key without a segment (an unchecked map's index >= L) has size 0: dropped. A
+      // range's keys all have segments (no second offsets read).
+      const int s = segment_of_key(p, key);
+      const int64_t start = p.offsets[s];
+      const bool fits = p.expert_map == nullptr || rank < p.offsets[s + 1] - start;
+      if (fits && (p.capacity < 0 || rank < p.capacity)) row = start + rank;
     }
     p.row_map[a] = row;
-    if (row >= 0 && p.weights_out != nullptr) p.weights_out[row] = p.weights[a];
+    if (row >= 0) {
+      p.gather[row] = a / p.k;
+      if (p.weights_out != nullptr) p.weights_out[row] = p.weights[a];
+    }
   }
 }
 
 __global__ void __launch_bounds__(kCountThreads)
     permute_count_kernel(PermuteIndexParams p, IndexWorkspace w) {
   int32_t* counts = dynamic_smem<int32_t>();
-  const int num_local = p.expert_end - p.expert_begin;
+  const int num_local = num_keys(p);
   for (int l = threadIdx.x; l < num_local; l += blockDim.x) counts[l] = 0;
   __syncthreads();
   count_tile(p, counts, blockIdx.x);
   __syncthreads();
   for (int l = threadIdx.x; l < num_local; l += blockDim.x) {
-    w.tile_counts[static_cast<int64_t>(l) * w.num_tiles + blockIdx.x] = counts[l];
+    w.tile_counts[static_cast<int64_t>(blockIdx.x) * num_local + l] = counts[l];
   }
 }
 
@@ -252,31 +304,20 @@ __global__ void __launch_bounds__(kOffsetsThreads)
     permute_offsets_kernel(PermuteIndexParams p, IndexWorkspace w) {
   int32_t* counts = dynamic_smem<int32_t>();  // [num_local]
   __shared__ int64_t warp_totals[kOffsetsThreads / 32];
-  const int num_local = p.expert_end - p.expert_begin;
-  const int lane = threadIdx.x % 32;
-  const int warp = threadIdx.x / 32;
+  const int num_local = num_keys(p);
 
-  // One warp per local expert: exclusive scan of its tile counts, in place (each tile's
+  // One thread per local expert: exclusive scan of its tile counts, in place (each tile's
   // base rank inside the expert), and the expert's total.
-  for (int l = warp; l < num_local; l += kOffsetsThreads / 32) {
-    int32_t* tiles = w.tile_counts + static_cast<int64_t>(l) * w.num_tiles;
+  for (int l = threadIdx.x; l < num_local; l += kOffsetsThreads) {
+    int32_t* column = w.tile_counts + l;
     int32_t carry = 0;
-    for (int base = 0; base < w.num_tiles; base += 32) {
-      const int b = base + lane;
-      const int32_t c = b < w.num_tiles ? tiles[b] : 0;
-      int32_t inclusive = c;
-#pragma unroll
-      for (int offset = 1; offset < 32; offset *= 2) {
-        const int32_t up = __shfl_up_sync(kFullMask, inclusive, offset);
-        if (lane >= offset) inclusive += up;
-      }
-      if (b < w.num_tiles) tiles[b] = carry + inclusive - c;
-      carry += __shfl_sync(kFullMask, inclusive, 31);
+    for (int tile = 0; tile < w.num_tiles; ++tile) {
+      const int32_t c = column[static_cast<int64_t>(tile) * num_local];
+      column[static_cast<int64_t>(tile) * num_local] = carry;
+      carry += c;
     }
-    if (lane == 0) {
-      counts[l] = carry;
-      w.counts[l] = carry;
-    }
+    counts[l] = carry;
+    w.counts[l] = carry;
   }
   __syncthreads();
   scan_experts(p, w, counts, warp_totals);
@@ -284,9 +325,9 @@ __global__ void __launch_bounds__(kOffsetsThreads)
 
 __global__ void __launch_bounds__(32) permute_place_kernel(PermuteIndexParams p, IndexWorkspace w) {
   int32_t* placed = dynamic_smem<int32_t>();  // [num_local]
-  const int num_local = p.expert_end - p.expert_begin;
+  const int num_local = num_keys(p);
   for (int l = threadIdx.x; l < num_local; l += 32) {
-    placed[l] = w.tile_counts[static_cast<int64_t>(l) * w.num_tiles + blockIdx.x];
+    placed[l] = w.tile_counts[static_cast<int64_t>(blockIdx.x) * num_local + l];
   }
   __syncwarp();
   place_tile(p, w, placed, blockIdx.x);
@@ -296,9 +337,9 @@ __global__ void __launch_bounds__(32) permute_place_kernel(PermuteIndexParams p,
 __global__ void __launch_bounds__(kOffsetsThreads, 1)
     permute_index_one_tile_kernel(PermuteIndexParams p, IndexWorkspace w) {
   int32_t* counts = dynamic_smem<int32_t>();  // [num_local]
-  int32_t* placed = counts + (p.expert_end - p.expert_begin);  // [num_local]
+  int32_t* placed = counts + num_keys(p);  // [num_local]
   __shared__ int64_t warp_totals[kOffsetsThreads / 32];
-  const int num_local = p.expert_end - p.expert_begin;
+  const int num_local = num_keys(p);
   for (int l = threadIdx.x; l < num_local; l += blockDim.x) {
     counts[l] = 0;
     placed[l] = 0;  // the only tile starts every expert at rank 0
@@ -312,40 +353,96 @@ __global__ void __launch_bounds__(kOffsetsThreads, 1)
   if (threadIdx.x < 32) place_tile(p, w, placed, 0);
 }
 
+// Keys per thread the select kernel keeps in registers: up to kSelectCached *
+// kSelectThreads assignments of an expert are read once; beyond, each pass re-reads them.
+constexpr int kSelectCached = 4;
+
+// histogram[digit] += the lanes of this warp with that digit (256: none): one atomic per
+// distinct digit, by its lowest lane, not one per lane (weights in (0, 1] share one or
+// two top digits). Every lane of the warp calls it.
+__device__ __forceinline__ void warp_count_digit(int32_t* histogram, int digit) {
+  const int lane = threadIdx.x % 32;
+  unsigned peers = kFullMask;
+#pragma unroll
+  for (int bit = 0; bit < 9; ++bit) {
+    const int mine = (digit >> bit) & 1;
+    const unsigned ones = __ballot_sync(kFullMask, mine);
+    peers &= mine ? ones : ~ones;
+  }
+  if (digit < 256 && __popc(peers & ((1u << lane) - 1u)) == 0) atomicAdd(&histogram[digit], __popc(peers));
+}
+
 __global__ void __launch_bounds__(kSelectThreads)
     permute_select_kernel(PermuteIndexParams p, IndexWorkspace w) {
   __shared__ int32_t histogram[256];
   __shared__ int64_t choice[2];  // digit, still to keep among keys equal to the prefix
   __shared__ int64_t warp_totals[kSelectThreads / 32];
+  __shared__ int64_t expert[4];  // n, list start, segment, keep: read once, not per warp
   const int l = blockIdx.x;
   const int tid = threadIdx.x;
-  const int64_t n = w.counts[l];
-  const int32_t* items = w.sorted + w.list_start[l];
-  const int64_t segment = p.offsets[p.expert_begin + l];
+  if (tid == 0) {
+    const int s = segment_of_key(p, l);
+    expert[0] = w.counts[l];
+    expert[1] = w.list_start[l];
+    expert[2] = p.offsets[s];
+    // The segment may be smaller than capacity only for an unchecked map (size 0).
+    expert[3] = min(p.capacity, p.offsets[s + 1] - expert[2]);
+  }
+  __syncthreads();
+  const int64_t n = expert[0];
+  const int32_t* items = w.sorted + expert[1];
+  const int64_t segment = expert[2];
+  const int64_t keep = expert[3];
+  if (n == 0) return;  // the whole block: n is uniform
+
+  // Up to kSelectCached keys per thread in registers: item r of a thread is
+  // r * kSelectThreads + tid.
+  const bool cached = n <= static_cast<int64_t>(kSelectCached) * kSelectThreads;
+  int32_t item_r[kSelectCached];
+  uint32_t key_r[kSelectCached];
+#pragma unroll
+  for (int r = 0; r < kSelectCached; ++r) {
+    const int64_t i = static_cast<int64_t>(r) * kSelectThreads + tid;
+    const bool valid = cached && i < n;
+    item_r[r] = valid ? items[i] : 0;
+    key_r[r] = valid ? weight_key(p.weights[item_r[r]]) : 0u;
+  }
 
   // Keep keys above `threshold` and the first `keep_equal` keys equal to it (list order
   // is (token, slot) order, so ties keep the lower assignment).
   uint32_t threshold = 0;
   int64_t keep_equal = n;
-  if (n > p.capacity) {
+  if (n > keep) {
     uint32_t prefix = 0;
-    int64_t need = p.capacity;
+    int64_t need = keep;
     for (int shift = 24; shift >= 0; shift -= 8) {
       const uint32_t high = shift == 24 ? 0u : (0xffffffffu << (shift + 8));
+      auto digit_of = [&](bool valid, uint32_t key) {
+        return valid && (key & high) == prefix ? static_cast<int>((key >> shift) & 255u) : 256;
+      };
       histogram[tid] = 0;
       __syncthreads();
-      for (int64_t i = tid; i < n; i += kSelectThreads) {
-        const uint32_t key = weight_key(p.weights[items[i]]);
-        if ((key & high) == prefix) atomicAdd(&histogram[(key >> shift) & 255u], 1);
+      if (cached) {
+#pragma unroll
+        for (int r = 0; r < kSelectCached; ++r) {
+          warp_count_digit(histogram, digit_of(r * kSelectThreads + tid < n, key_r[r]));
+        }
+      } else {
+        for (int64_t base = 0; base < n; base += kSelectThreads) {
+          const int64_t i = base + tid;
+          const bool valid = i < n;
+          warp_count_digit(histogram, digit_of(valid, valid ? weight_key(p.weights[items[i]]) : 0u));
+        }
       }
       __syncthreads();
-      if (tid == 0) {  // the digit of the need-th largest key, from the top
-        int64_t above = 0;
-        int digit = 255;
-        for (; digit > 0; --digit) {
-          if (above + histogram[digit] >= need) break;
-          above += histogram[digit];
-        }
+      // The digit of the need-th largest key: thread t takes digit 255 - t; the scan gives
+      // the count above it, and the one thread whose digit reaches `need` writes the choice
+      // (need 0, i.e. capacity 0: digit 255, keep none equal).
+      const int digit = 255 - tid;
+      const int64_t count = histogram[digit];
+      int64_t total;
+      const int64_t above = block_exclusive_scan<kSelectThreads>(count, warp_totals, &total);
+      if ((above < need && above + count >= need) || (need == 0 && tid == 0)) {
         choice[0] = digit;
         choice[1] = need - above;
       }
@@ -359,11 +456,7 @@ __global__ void __launch_bounds__(kSelectThreads)
   }
 
   int64_t equal_before = 0, kept_before = 0;
-  for (int64_t base = 0; base < n; base += kSelectThreads) {
-    const int64_t i = base + tid;
-    const bool in_range = i < n;
-    const int32_t a = in_range ? items[i] : 0;
-    const uint32_t key = in_range ? weight_key(p.weights[a]) : 0;
+  auto place = [&](bool in_range, int32_t a, uint32_t key) {  // every thread, in item order
     const bool equal = in_range && key == threshold;
     int64_t equal_total, kept_total;
     const int64_t equal_rank =
@@ -373,10 +466,28 @@ __global__ void __launch_bounds__(kSelectThreads)
         kept_before + block_exclusive_scan<kSelectThreads>(kept, warp_totals, &kept_total);
     if (in_range) {
       p.row_map[a] = kept ? segment + kept_rank : -1;
-      if (kept && p.weights_out != nullptr) p.weights_out[segment + kept_rank] = p.weights[a];
+      if (kept) {
+        p.gather[segment + kept_rank] = a / p.k;
+        if (p.weights_out != nullptr) p.weights_out[segment + kept_rank] = p.weights[a];
+      }
     }
     equal_before += equal_total;
     kept_before += kept_total;
+  };
+  if (cached) {
+#pragma unroll
+    for (int r = 0; r < kSelectCached; ++r) {
+      if (static_cast<int64_t>(r) * kSelectThreads < n) {  // uniform
+        place(r * kSelectThreads + tid < n, item_r[r], key_r[r]);
+      }
+    }
+  } else {
+    for (int64_t base = 0; base < n; base += kSelectThreads) {
+      const int64_t i = base + tid;
+      const bool in_range = i < n;
+      const int32_t a = in_range ? items[i] : 0;
+      place(in_range, a, in_range ? weight_key(p.weights[a]) : 0u);
+    }
   }
 }
 
@@ -444,27 +555,15 @@ __global__ void __launch_bounds__(kRowThreads)
     return;
   }
 
-  // Rows without a token are zero: segment e pads rows [seg_fill[e], offsets[e + 1]), at
-  // most max_padding of them, and the tail [offsets[E], M) past the last segment holds
-  // nothing. A grid-stride loop over (expert, i < max_padding) slots, then tail slots.
-  // The tail costs bandwidth when M is far above what the segments use (large align, many
-  // experts, few tokens), but every output byte is then defined: two runs are bitwise equal.
-  const int64_t padding_slots = static_cast<int64_t>(p.num_experts) * p.max_padding;
-  const int64_t slots = padding_slots + p.num_out_rows;
+  // Rows without a token (gather -1: align padding, unused capacity, the tail past
+  // offsets[E]) are zero. The tail costs bandwidth when M is far above what the segments
+  // use (large align, many experts, few tokens), but every output byte is then defined:
+  // two runs are bitwise equal. A grid-stride loop over the rows.
   const int64_t stride = static_cast<int64_t>(gridDim.x - token_blocks) * groups;
-  const int64_t used_rows = p.offsets[p.num_experts];
   Chunk16<T> zero;
   zero.raw.x = zero.raw.y = zero.raw.z = zero.raw.w = 0u;
-  for (int64_t slot = item; slot < slots; slot += stride) {
-    int64_t r;
-    if (slot < padding_slots) {
-      const int e = static_cast<int>(slot / p.max_padding);
-      r = p.seg_fill[e] + slot % p.max_padding;
-      if (r >= p.offsets[e + 1]) continue;
-    } else {
-      r = used_rows + (slot - padding_slots);
-    }
-    if (r >= p.num_out_rows) continue;
+  for (int64_t r = item; r < p.num_out_rows; r += stride) {
+    if (p.gather[r] >= 0) continue;  // a token's row, written by the blocks above
     T* dst = out + r * H;
     if (vector_path) {
       for (int64_t c = g; c < H / V; c += group_threads) store_chunk(dst + c * V, zero);
@@ -573,9 +672,8 @@ void launch_scatter_typed(const ScatterRowsParams& p, cudaStream_t stream) {
   const int groups = kRowThreads / group;
   const unsigned token_blocks = ceil_div(p.num_tokens, groups);
   // Enough blocks to fill the padding and the tail at full bandwidth, not one per row.
-  const int64_t padding_slots =
-      p.offsets != nullptr ? p.num_experts * p.max_padding + p.num_out_rows : 0;
-  const unsigned fill_blocks = std::min(ceil_div(padding_slots, groups), kMaxFillBlocks);
+  const int64_t fill_rows = p.gather != nullptr ? p.num_out_rows : 0;
+  const unsigned fill_blocks = std::min(ceil_div(fill_rows, groups), kMaxFillBlocks);
   LaunchConfig cfg{dim3(token_blocks + fill_blocks), dim3(kRowThreads), 0, stream};
   launch_kernel("scatter_rows_kernel", scatter_rows_kernel<T>, cfg, p, group, vector_path,
                 token_blocks);
@@ -615,11 +713,11 @@ void launch_permute_index(const PermuteIndexParams& p, cudaStream_t stream) {
   if (p.k < 1 || p.align < 1) throw std::invalid_argument("permute: k and align must be positive");
   const int64_t n = p.num_tokens * p.k;
   if (n >= (int64_t{1} << 31)) throw std::invalid_argument("permute: num_tokens * k must be < 2^31");
-  if (p.drop_by_weight && p.capacity >= 0 && p.weights == nullptr) {
+  if (p.drop_by_weight && p.capacity >= 0 && p.weights == nullptr && n > 0) {
     throw std::invalid_argument("permute: drop by weight needs weights");
   }
   const permute::IndexWorkspace w = permute::index_workspace(p.workspace, n, p.num_experts);
-  const int num_local = p.expert_end - p.expert_begin;
+  const int num_local = permute::num_keys(p);
   const size_t counter_bytes = static_cast<size_t>(num_local) * sizeof(int32_t);
   if (w.num_tiles <= 1) {
     // Also runs with no tokens: offsets and num_rows are still written.
