@@ -39,9 +39,11 @@ def workload():
         logits = torch.randn(6, 40, generator=g, requires_grad=True)
         w, ids = moe_kernels.topk_gating(logits, 6, renormalize=False)
         (w * torch.randn(w.shape, generator=g)).sum().backward()  # backward kernel
-        moe_kernels.topk_gating(torch.randn(5, 32, generator=g), 4, scoring="sigmoid",
-                                bias=torch.randn(32, generator=g), num_groups=4, topk_groups=2,
-                                renormalize=True)
+        sig_logits = torch.randn(5, 32, generator=g, requires_grad=True)
+        sw, _ = moe_kernels.topk_gating(sig_logits, 4, scoring="sigmoid",
+                                        bias=torch.randn(32, generator=g), num_groups=4,
+                                        topk_groups=2, renormalize=True)
+        sw.sum().backward()  # the renormalized backward (zero fill, then chosen entries)
         moe_kernels.router_stats(ids, 40)
         moe_kernels.expert_choice_gating(torch.randn(40, 4, generator=g), 3)
         # More than one 32x32 tile of probabilities each way (the tile is reused).
