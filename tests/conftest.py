@@ -28,6 +28,17 @@ def kernel_backend(request):
     return request.param
 
 
+def misaligned_copy(t, device):
+    """A copy of `t` on `device` whose data starts one element past an aligned address.
+    Built on the device itself: copying a misaligned CPU view to a GPU would realign it,
+    and the kernels' unaligned fallbacks would go untested there."""
+    base = torch.empty(t.numel() + 1, dtype=t.dtype, device=device)
+    view = base[1:].view(t.shape)
+    view.copy_(t)
+    assert view.data_ptr() % 16 != 0
+    return view
+
+
 def native(backend):
     return moe_kernels._backend.native_module(backend)
 

@@ -11,7 +11,7 @@ import torch
 
 import moe_kernels
 from moe_kernels import emulator, reference
-from conftest import device_of, native, needs_observer, run
+from conftest import device_of, misaligned_copy, native, needs_observer, run
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 GRID_EXPERTS = [3, 8, 60, 64, 128, 160, 256, 384, 512, 1000, 4096]
@@ -241,11 +241,10 @@ def test_deterministic(kernel_backend):
 
 
 def test_unaligned_rows_use_scalar_loads(kernel_backend):
-    # A view that starts one element in: 16-byte vector loads would be misaligned.
-    base = make_logits(9 * 64 + 1, 1, torch.float32).view(-1)
-    logits = base[1:].view(9, 64)
-    assert logits.data_ptr() % 16 != 0
-    weights, ids = run(kernel_backend, moe_kernels.topk_gating, logits.to(device_of(kernel_backend)), 4)
+    # Rows that start one element in: 16-byte vector loads would be misaligned.
+    logits = make_logits(9, 64, torch.float32)
+    weights, ids = run(kernel_backend, moe_kernels.topk_gating,
+                       misaligned_copy(logits, device_of(kernel_backend)), 4)
     ref_weights, ref_ids = reference.topk_gating(logits, 4)
     assert torch.equal(ids.cpu(), ref_ids)
     torch.testing.assert_close(weights.cpu(), ref_weights, **weight_tol())
@@ -1000,12 +999,16 @@ def test_groups_of_one_expert_with_max(kernel_backend):
 
 
 def test_unaligned_bias_uses_scalar_loads(kernel_backend):
-    storage = make_bias(257)
-    bias = storage[1:]  # starts 4 bytes past a 16-byte boundary
-    assert bias.data_ptr() % 16 != 0
-    for experts, dtype in ((256, torch.float32), (256, torch.bfloat16)):
-        check_kernel(kernel_backend, make_logits(9, experts, dtype, seed=6), 8, scoring="sigmoid",
-                     bias=bias, num_groups=8, topk_groups=4, renormalize=True)
+    bias = make_bias(256)
+    device = device_of(kernel_backend)
+    cfg = dict(scoring="sigmoid", num_groups=8, topk_groups=4, renormalize=True)
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = make_logits(9, 256, dtype, seed=6)
+        w, ids = run(kernel_backend, moe_kernels.topk_gating, logits.to(device), 8,
+                     bias=misaligned_copy(bias, device), **cfg)
+        ref_w, ref_ids = reference.topk_gating(logits, 8, bias=bias, **cfg)
+        assert torch.equal(ids.cpu(), ref_ids)
+        torch.testing.assert_close(w.cpu(), ref_w, **weight_tol())
 
 
 def test_bias_on_another_device():
