@@ -59,6 +59,7 @@ def run_preset(name, tokens, hidden):
         w = weights.detach()
         perm = count("permute", lambda: moe_kernels.permute(x, ids, E, weights=w))
         count("permute align=128", lambda: moe_kernels.permute(x, ids, E, align=128))
+        count("permute_plan", lambda: moe_kernels.permute_plan(ids, E, weights=w))
         count("permute capacity drop=weight",
               lambda: moe_kernels.permute(x, ids, E, capacity=max(1, tokens * k // E),
                                           drop_policy="weight", weights=w))
