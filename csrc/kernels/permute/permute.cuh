@@ -185,7 +185,7 @@ __device__ __forceinline__ void count_tile(const PermuteIndexParams& p, int32_t*
 // Every thread of a kOffsetsThreads block calls it.
 __device__ __forceinline__ void scan_experts(const PermuteIndexParams& p, const IndexWorkspace& w,
                                              const int32_t* counts, int64_t* warp_totals) {
-  // Each thread takes a run of consecutive segments, all E of them (offsets has E + 1).
+  // All E segments (offsets has E + 1), in rounds of one segment per thread.
   const int E = p.num_experts;
   // With a map, segments 0..L-1 exist, L = map entries in [0, E) (a permutation of 0..L-1
   // when the map is valid: checked on the host for CPU maps only).
@@ -199,9 +199,6 @@ __device__ __forceinline__ void scan_experts(const PermuteIndexParams& p, const 
     block_exclusive_scan<kOffsetsThreads>(mine, warp_totals, &map_segments);
   }
   const int keys = num_keys(p);
-  const int per_thread = (E + kOffsetsThreads - 1) / kOffsetsThreads;
-  const int first = threadIdx.x * per_thread;
-  const int last = min(first + per_thread, E);
   const bool dropless = p.capacity < 0;
   const int64_t slot_rows = dropless ? 0 : round_up(p.capacity, p.align);
   auto key_of = [&](int s) -> int { return p.expert_map != nullptr ? s : s - p.expert_begin; };
@@ -215,23 +212,29 @@ __device__ __forceinline__ void scan_experts(const PermuteIndexParams& p, const 
     if (!exists) return 0;
     return dropless ? round_up(count_of(s), p.align) : slot_rows;
   };
-  int64_t my_rows = 0, my_count = 0;
-  for (int e = first; e < last; ++e) {
-    my_rows += rows_of(e);
-    my_count += count_of(e);
-  }
-  int64_t total_rows, total_count;
-  int64_t row = block_exclusive_scan<kOffsetsThreads>(my_rows, warp_totals, &total_rows);
-  int64_t listed = block_exclusive_scan<kOffsetsThreads>(my_count, warp_totals, &total_count);
-  for (int e = first; e < last; ++e) {
-    p.offsets[e] = row;
-    if (key_of(e) >= 0 && key_of(e) < keys) w.list_start[key_of(e)] = static_cast<int32_t>(listed);
-    row += rows_of(e);
-    listed += count_of(e);
+  // Rounds of kOffsetsThreads consecutive segments, one per thread, carrying the totals of
+  // the rounds before: the threads of a warp read counts and write offsets and list_start
+  // at consecutive addresses (coalesced, no bank conflicts), where a run of segments per
+  // thread strided them.
+  int64_t rows_before = 0, count_before = 0;
+  for (int round = 0; round < E; round += kOffsetsThreads) {
+    const int e = round + threadIdx.x;
+    const int64_t my_rows = e < E ? rows_of(e) : 0;
+    const int64_t my_count = e < E ? count_of(e) : 0;
+    int64_t round_rows, round_count;
+    const int64_t row = rows_before + block_exclusive_scan<kOffsetsThreads>(my_rows, warp_totals, &round_rows);
+    const int64_t listed =
+        count_before + block_exclusive_scan<kOffsetsThreads>(my_count, warp_totals, &round_count);
+    if (e < E) {
+      p.offsets[e] = row;
+      if (key_of(e) >= 0 && key_of(e) < keys) w.list_start[key_of(e)] = static_cast<int32_t>(listed);
+    }
+    rows_before += round_rows;
+    count_before += round_count;
   }
   if (threadIdx.x == 0) {
-    p.offsets[E] = total_rows;
-    p.num_rows[0] = total_rows;  // the valid prefix of x_perm, padding included: offsets[E]
+    p.offsets[E] = rows_before;
+    p.num_rows[0] = rows_before;  // the valid prefix of x_perm, padding included: offsets[E]
   }
 }
 
