@@ -43,7 +43,7 @@ def workload():
         sw, _ = moe_kernels.topk_gating(sig_logits, 4, scoring="sigmoid",
                                         bias=torch.randn(32, generator=g), num_groups=4,
                                         topk_groups=2, renormalize=True)
-        sw.sum().backward()  # the renormalized backward (zero fill, then chosen entries)
+        sw.sum().backward()  # the renormalized backward
         moe_kernels.router_stats(ids, 40)
         moe_kernels.expert_choice_gating(torch.randn(40, 4, generator=g), 3)
         # More than one 32x32 tile of probabilities each way (the tile is reused).

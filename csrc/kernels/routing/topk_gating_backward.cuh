@@ -72,106 +72,107 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   const float* grad_w = p.grad_weights + token * p.k;
   const float c = p.scaling_factor;
 
-  auto chosen_id = [&](int j) {  // an id outside [0, E) is skipped (never read or written)
-    const int e = ids[j];
-    return e >= 0 && e < E ? e : -1;
+  // Slot j (its expert id, -1 outside [0, E) (never read or written), its weight's
+  // gradient and its logit) is loaded by lane j % 32 alone; lanes share slots by shuffles.
+  // Lanes hold slots 0..31 throughout; slots past 32 are reloaded where needed.
+  struct Slot {
+    int e = -1;
+    float gw = 0.f, x = 0.f;
   };
+  auto load_slot = [&](int j) {
+    Slot s;
+    if (j < p.k) {
+      const int e = ids[j];
+      if (e >= 0 && e < E) {
+        s.e = e;
+        s.gw = grad_w[j];
+        s.x = to_float(row[e]);
+      }
+    }
+    return s;
+  };
+  const Slot first_slot = load_slot(lane);
+  auto slot = [&](int j) { return j == lane ? first_slot : load_slot(j); };
 
+  // Per-token constants of the chosen entries' gradient (see the comment above).
+  float m = -INFINITY, sum = 1.f, G = 0.f;  // renormalize
+  float row_max = 0.f, inv_sum = 1.f, dot = 0.f;  // softmax without renormalize
+  auto log_score = [&](float v) {
+    return softmax ? v : sigmoid ? log_sigmoidf(v) : 0.5f * log_softplusf(v);
+  };
+  auto score = [&](float v) { return expf(v - row_max) * inv_sum; };  // softmax only
   if (p.renormalize) {
-    auto log_score = [&](float v) {
-      return softmax ? v : sigmoid ? log_sigmoidf(v) : 0.5f * log_softplusf(v);
-    };
     // r_j = exp(l_j - m) / sum_i exp(l_i - m) (m: the largest chosen l) and G = sum g_j r_j.
-    // A lane keeps the logit of its first slot (j = lane: every slot when k <= 32), so the
-    // three passes read each chosen logit once.
-    float first_x = 0.f;
-    auto chosen_x = [&](int j, int e) { return j == lane ? first_x : to_float(row[e]); };
-    float m = -INFINITY;
     for (int j = lane; j < p.k; j += 32) {
-      const int e = chosen_id(j);
-      if (e < 0) continue;
-      const float x = to_float(row[e]);
-      if (j == lane) first_x = x;
-      m = fmaxf(m, log_score(x));
+      const Slot s = slot(j);
+      if (s.e >= 0) m = fmaxf(m, log_score(s.x));
     }
     m = warp_allreduce<32>(m, MaxOp{});
-    float sum = 0.f, g_sum = 0.f;
+    float u_sum = 0.f, g_sum = 0.f;
     for (int j = lane; j < p.k; j += 32) {
-      const int e = chosen_id(j);
-      if (e < 0) continue;
-      const float u = expf(log_score(chosen_x(j, e)) - m);
-      sum += u;
-      g_sum += grad_w[j] * u;
+      const Slot s = slot(j);
+      if (s.e < 0) continue;
+      const float u = expf(log_score(s.x) - m);
+      u_sum += u;
+      g_sum += s.gw * u;
     }
-    sum = warp_allreduce<32>(sum, SumOp{});
-    const float G = warp_allreduce<32>(g_sum, SumOp{}) / sum;
-    for (int e = lane; e < E; e += 32) grad_row[e] = from_float<T>(0.f);
-    __syncwarp();  // orders this warp's stores before the overwrites below
+    sum = warp_allreduce<32>(u_sum, SumOp{});
+    G = warp_allreduce<32>(g_sum, SumOp{}) / sum;
+  } else if (softmax) {
+    warp_online_softmax_stats(row, E, &row_max, &inv_sum);
+    // dot = sum_j dL/ds_j * s_j = c * sum_j g_j s_j.
     for (int j = lane; j < p.k; j += 32) {
-      const int e = chosen_id(j);
-      if (e < 0) continue;
-      // An expert listed in several slots (never by topk_gating, possible in ids a caller
-      // passes) gets the sum over its slots, stored once, by its first slot: two lanes
-      // never store to one element.
-      float dg = 0.f;
-      bool first = true;
-      for (int i = 0; i < p.k && first; ++i) {
-        if (ids[i] != e) continue;
-        if (i < j) first = false;
-        else dg += grad_w[i] - G;
-      }
-      if (!first) continue;
-      const float x = chosen_x(j, e);
-      const float r = expf(log_score(x) - m) / sum;
-      const float dl = softmax ? 1.f
-                       : sigmoid ? sigmoidf(-x)
-                                 : (x < -15.f ? 0.5f : 0.5f * sigmoidf(x) / softplusf(x));
-      grad_row[e] = from_float<T>(c * r * dg * dl);
-    }
-    return;
-  }
-
-  float row_max = 0.f, inv_sum = 1.f;
-  if (softmax) warp_online_softmax_stats(row, E, &row_max, &inv_sum);
-  auto score = [&](float v) { return expf(v - row_max) * inv_sum; };  // softmax only
-
-  // softmax: dot = sum_j dL/ds_j * s_j = c * sum_j g_j s_j.
-  float dot = 0.f;
-  if (softmax) {
-    for (int j = lane; j < p.k; j += 32) {
-      const int e = chosen_id(j);
-      if (e >= 0) dot += grad_w[j] * score(to_float(row[e]));
+      const Slot s = slot(j);
+      if (s.e >= 0) dot += s.gw * score(s.x);
     }
     dot = c * warp_allreduce<32>(dot, SumOp{});
   }
 
-  // The off-chosen gradient everywhere, then the chosen experts overwrite theirs.
-  for (int e = lane; e < E; e += 32) {
-    const float g = softmax ? -score(to_float(row[e])) * dot : 0.f;
-    grad_row[e] = from_float<T>(g);
-  }
-  __syncwarp();  // orders this warp's stores before the overwrites below
-  for (int j = lane; j < p.k; j += 32) {
-    const int e = chosen_id(j);
-    if (e < 0) continue;
-    // Duplicate ids: summed and stored once by the first slot, as above.
-    float ds = 0.f;
-    bool first = true;
-    for (int i = 0; i < p.k && first; ++i) {
-      if (ids[i] != e) continue;
-      if (i < j) first = false;
-      else ds += c * grad_w[i];
+  // The gradient row, written once: each lane finds whether its element is chosen by
+  // scanning the slots (shuffled from their lanes; the loops are uniform over the warp).
+  // An expert listed in several slots (never by topk_gating, possible in ids a caller
+  // passes) gets the sum over its slots, in slot order.
+  for (int base = 0; base < E; base += 32) {
+    const int e = base + lane;
+    bool chosen = false;
+    float dg = 0.f, x = 0.f;
+    for (int b = 0; b < p.k; b += 32) {
+      const Slot s = b == 0 ? first_slot : load_slot(b + lane);
+      const int n = p.k - b < 32 ? p.k - b : 32;
+      int src = -1;
+      for (int i = 0; i < n; ++i) {
+        const int id = __shfl_sync(kFullMask, s.e, i);
+        const float gw = __shfl_sync(kFullMask, s.gw, i);
+        if (id != e) continue;
+        if (!chosen && src < 0) src = i;
+        dg += p.renormalize ? gw - G : c * gw;
+      }
+      const float src_x = __shfl_sync(kFullMask, s.x, src < 0 ? 0 : src);
+      if (src >= 0) {
+        x = src_x;
+        chosen = true;
+      }
     }
-    if (!first) continue;
-    const float x = to_float(row[e]);
-    float g;
-    if (softmax) {
-      g = score(x) * (ds - dot);
-    } else if (sigmoid) {
-      const float s = sigmoidf(x);
-      g = ds * s * (1.f - s);
-    } else {
-      g = ds * sqrtsoftplus_gradf(x);
+    if (e >= E) continue;
+    float g = 0.f;
+    if (p.renormalize) {
+      if (chosen) {
+        const float r = expf(log_score(x) - m) / sum;
+        const float dl = softmax ? 1.f
+                         : sigmoid ? sigmoidf(-x)
+                                   : (x < -15.f ? 0.5f : 0.5f * sigmoidf(x) / softplusf(x));
+        g = c * r * dg * dl;
+      }
+    } else if (softmax) {
+      const float sc = score(to_float(row[e]));
+      g = chosen ? sc * (dg - dot) : -sc * dot;
+    } else if (chosen) {
+      if (sigmoid) {
+        const float sg = sigmoidf(x);
+        g = dg * sg * (1.f - sg);
+      } else {
+        g = dg * sqrtsoftplus_gradf(x);
+      }
     }
     grad_row[e] = from_float<T>(g);
   }
