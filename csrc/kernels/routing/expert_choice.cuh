@@ -19,30 +19,6 @@ constexpr int kProbTile = 32;                        // tokens (and experts) per
 constexpr int kProbWarps = 8;                        // warps per block
 constexpr int kProbRowsPerWarp = kProbTile / kProbWarps;
 
-// Softmax max and 1/sum of a row in one pass (online rescaling of the running sum). As in
-// the two-pass form, a NaN or +inf logit, or a row of only -inf, gives NaN.
-template <typename T>
-__device__ __forceinline__ void warp_softmax_stats_one_pass(const T* row, int E, float* row_max,
-                                                            float* inv_sum) {
-  const int lane = threadIdx.x % 32;
-  float m = -INFINITY, s = 0.f;
-  for (int e = lane; e < E; e += 32) {
-    const float x = to_float(row[e]);
-    if (x > m) {
-      s = s * expf(m - x) + 1.f;
-      m = x;
-    } else {
-      s += expf(x - m);
-    }
-  }
-  const float mx = warp_allreduce<32>(m, MaxOp{});
-  // A lane that saw no element (E < 32) adds 0 (0 * expf(-inf) = 0) unless the row max is
-  // -inf too, and then the row is NaN anyway.
-  const float sum = warp_allreduce<32>(s > 0.f ? s * expf(m - mx) : s, SumOp{});
-  *row_max = mx;
-  *inv_sum = 1.f / sum;
-}
-
 template <typename T>
 __global__ void __launch_bounds__(kProbWarps * 32) expert_choice_probs_kernel(ExpertChoiceParams p) {
   __shared__ float row_max[kProbTile];
@@ -55,7 +31,7 @@ __global__ void __launch_bounds__(kProbWarps * 32) expert_choice_probs_kernel(Ex
     const int64_t t = T0 + i;
     if (t < p.num_tokens) {  // warp-uniform
       float mx, inv;
-      warp_softmax_stats_one_pass(logits + t * p.num_experts, p.num_experts, &mx, &inv);
+      warp_softmax_stats(logits + t * p.num_experts, p.num_experts, &mx, &inv);
       if (lane == 0) {
         row_max[i] = mx;
         row_inv_sum[i] = inv;

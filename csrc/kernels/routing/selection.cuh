@@ -64,19 +64,38 @@ __device__ __forceinline__ float sqrtsoftplus_gradf(float x) {
 
 namespace routing {
 
-// Softmax statistics of a row of E logits, computed by one warp: its max and
-// 1 / sum(exp(x - max)). Every lane gets the same bits.
+// Softmax statistics of a row of E logits, computed by one warp: max and
+// 1 / sum(exp(x - max)) in one pass over the row (online: the running sum is rescaled when
+// the running max grows), so a kernel that reads the row again reads it twice in all. A
+// NaN logit or an infinite max (a +inf logit, a row of only -inf) makes the sum NaN.
+// Every lane gets the same bits.
 template <typename T>
 __device__ __forceinline__ void warp_softmax_stats(const T* row, int E, float* row_max,
                                                    float* inv_sum) {
   const int lane = threadIdx.x % 32;
-  float m = -INFINITY;
-  for (int e = lane; e < E; e += 32) m = fmaxf(m, to_float(row[e]));
-  m = warp_allreduce<32>(m, MaxOp{});
-  float sum = 0.f;
-  for (int e = lane; e < E; e += 32) sum += expf(to_float(row[e]) - m);
+  float m = -INFINITY, sum = 0.f;
+  for (int e = lane; e < E; e += 32) {
+    const float v = to_float(row[e]);
+    if (v > m) {
+      sum = sum * expf(m - v) + 1.f;  // m = -inf: sum is still 0
+      m = v;
+    } else if (v != -INFINITY) {  // -inf adds 0 (and -inf - -inf would be NaN)
+      sum += expf(v - m);
+    }
+  }
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) {
+    const float other_m = __shfl_xor_sync(kFullMask, m, offset);
+    const float other_sum = __shfl_xor_sync(kFullMask, sum, offset);
+    const float new_m = fmaxf(m, other_m);
+    // An empty part (sum 0, max -inf) adds nothing, also when both maxes are -inf.
+    sum = (sum == 0.f ? 0.f : sum * expf(m - new_m)) +
+          (other_sum == 0.f ? 0.f : other_sum * expf(other_m - new_m));
+    m = new_m;
+  }
+  if (m == INFINITY || m == -INFINITY) sum = NAN;
   *row_max = m;
-  *inv_sum = 1.f / warp_allreduce<32>(sum, SumOp{});
+  *inv_sum = 1.f / sum;
 }
 
 }  // namespace routing

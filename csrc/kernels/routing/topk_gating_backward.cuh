@@ -12,38 +12,6 @@ namespace routing {
 
 constexpr int kWarpsPerBlock = 4;
 
-// Softmax statistics of a row in one pass over it (online: the running sum is rescaled
-// when the running max grows), so the backward reads the row twice, not three times:
-// max and 1 / sum(exp(x - max)). As in two passes, a NaN logit or an infinite max makes
-// the sum NaN. Every lane gets the same bits.
-template <typename T>
-__device__ __forceinline__ void warp_online_softmax_stats(const T* row, int E, float* row_max,
-                                                          float* inv_sum) {
-  const int lane = threadIdx.x % 32;
-  float m = -INFINITY, sum = 0.f;
-  for (int e = lane; e < E; e += 32) {
-    const float v = to_float(row[e]);
-    if (v > m) {
-      sum = sum * expf(m - v) + 1.f;  // m = -inf: sum is still 0
-      m = v;
-    } else if (v != -INFINITY) {  // -inf adds 0 (and -inf - -inf would be NaN)
-      sum += expf(v - m);
-    }
-  }
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) {
-    const float other_m = __shfl_xor_sync(kFullMask, m, offset);
-    const float other_sum = __shfl_xor_sync(kFullMask, sum, offset);
-    const float new_m = fmaxf(m, other_m);
-    // An empty part (sum 0, max -inf) adds nothing, also when both maxes are -inf.
-    sum = (sum == 0.f ? 0.f : sum * expf(m - new_m)) +
-          (other_sum == 0.f ? 0.f : other_sum * expf(other_m - new_m));
-    m = new_m;
-  }
-  if (m == INFINITY || m == -INFINITY) sum = NAN;
-  *row_max = m;
-  *inv_sum = 1.f / sum;
-}
 
 // One warp per token. Forward: s_j = score of the j-th chosen expert, w_j = c * s_j
 // (no renormalize) or c * r_j with r_j = s_j / sum_i s_i (renormalize). Backward:
@@ -119,7 +87,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     sum = warp_allreduce<32>(u_sum, SumOp{});
     G = warp_allreduce<32>(g_sum, SumOp{}) / sum;
   } else if (softmax) {
-    warp_online_softmax_stats(row, E, &row_max, &inv_sum);
+    warp_softmax_stats(row, E, &row_max, &inv_sum);
     // dot = sum_j dL/ds_j * s_j = c * sum_j g_j s_j.
     for (int j = lane; j < p.k; j += 32) {
       const Slot s = slot(j);
