@@ -5,6 +5,7 @@ the same kernels in the SIMT emulator on the CPU, or a PyTorch reference.
 """
 
 from ._backend import available_backends, use_backend
+from .gemm import GemmConfig, gemm_config, grouped_gemm
 from .permute import (PermutePlan, PermuteResult, capacity_from_factor, permute, permute_plan,
                       unpermute)
 from .routing import (expert_choice_gating, hash_gating, load_balancing_loss, router_stats,
@@ -12,8 +13,8 @@ from .routing import (expert_choice_gating, hash_gating, load_balancing_loss, ro
                       update_routing_bias)
 
 __all__ = [
-    "PermutePlan", "PermuteResult", "available_backends", "capacity_from_factor",
-    "expert_choice_gating", "hash_gating", "load_balancing_loss", "permute", "permute_plan",
+    "GemmConfig", "PermutePlan", "PermuteResult", "available_backends", "capacity_from_factor",
+    "expert_choice_gating", "gemm_config", "grouped_gemm", "hash_gating", "load_balancing_loss", "permute", "permute_plan",
     "router_stats", "router_z_loss", "sequence_load_balancing_loss", "topk_gating", "unpermute",
     "update_routing_bias", "use_backend",
 ]

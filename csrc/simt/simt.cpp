@@ -563,6 +563,8 @@ ArchLimits arch_limits() {
 
 }  // namespace detail
 
+int emulated_arch() { return detail::arch_limits().arch; }
+
 namespace {
 
 std::mutex g_attributes_mutex;

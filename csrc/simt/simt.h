@@ -74,6 +74,12 @@ size_t static_shared_bytes(const void* kernel);
 // opt-in above 48 KiB. Fails, as the GPU does, past the architecture's maximum.
 void set_max_dynamic_shared_bytes(const char* kernel_name, const void* kernel, size_t bytes);
 
+// The emulated architecture (MOE_KERNELS_SIMT_ARCH: 80, 90 or 120), as compute capability
+// * 10, and the multiprocessors the emulated device reports (a few, so that persistent
+// kernels run several tiles per block in tests).
+int emulated_arch();
+constexpr int kEmulatedMultiprocessors = 4;
+
 // Dynamic shared memory of the running block (exactly the launch's byte count).
 unsigned char* dynamic_shared_memory();
 

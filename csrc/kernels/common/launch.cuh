@@ -71,6 +71,28 @@ void launch_kernel(const char* name, void (*kernel)(Params...), const LaunchConf
 #endif
 }
 
+// What tile heuristics need to know of the device that runs the launch: compute capability
+// * 10 and multiprocessor count (cudaDeviceGetAttribute: no synchronization). The emulator
+// reports its emulated architecture and a few multiprocessors.
+struct DeviceProperties {
+  int arch = 0;
+  int num_sms = 0;
+};
+
+inline DeviceProperties current_device_properties() {
+#if defined(MOE_KERNELS_SIMT)
+  return {simt::emulated_arch(), simt::kEmulatedMultiprocessors};
+#else
+  int device = 0, major = 0, minor = 0, sms = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) throw std::runtime_error(std::string("cudaDeviceGetAttribute: ") + cudaGetErrorString(err));
+  return {major * 10 + minor, sms};
+#endif
+}
+
 inline unsigned ceil_div(long long a, long long b) { return static_cast<unsigned>((a + b - 1) / b); }
 
 }  // namespace moe

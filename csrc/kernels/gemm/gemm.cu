@@ -1,0 +1,2 @@
+#include "grouped_gemm.cuh"
+#include "grouped_gemm_backward.cuh"

@@ -1,0 +1,330 @@
+// Grouped expert GEMM on tensor cores (forward, and the input gradient, which is the same
+// product with the other weight layout).
+//
+// Map of the algorithm:
+//  1. schedule (grouped_gemm_schedule_kernel, one block): from offsets or counts, the
+//     number of BM-row tiles of each expert, ceil(rows_e / BM), and their exclusive prefix
+//     tile_start[0..E] in a workspace. Experts with no rows get no tile, so their weights
+//     are never read. Nothing goes back to the host.
+//  2. main kernel (grouped_gemm_kernel), persistent: block b takes tiles b, b + grid, ...
+//     of the (m-tile, n-tile) space, tile_start[E] * n_tiles of them. An m-tile's expert is
+//     found by binary search in tile_start; its rows are [row0, row0 + BM) of that expert,
+//     the last tile predicated (rows past the expert's end are neither read nor written),
+//     never padded and never straddling two experts.
+//     - A (activations) is read row by row: x row m, gather[m], or expert e's row of the
+//       masked [E, S, K] x; rows outside are zero-filled by cp.async.
+//     - B (expert e's weights) is read [BN][BK] from [E, N, K] or [BK][BN] from [E, K, N]
+//       (then ldmatrix.trans). With a gated activation whose gate and up are the two
+//       halves of N, B's tile rows are arranged so that each warp holds matching gate and
+//       up columns: the first half of a warp's n8 tiles are gate columns, the second half
+//       the up columns of the same outputs.
+//     - epilogue from registers: + bias, (pre-activation saved for the backward),
+//       activation, * row_scale, convert, store. Nothing unactivated reaches global
+//       memory unless the backward asked for it.
+//  3. the same blocks then write zeros to the rows of y no expert covers (rows past
+//     offsets[E]; masked: rows past counts[e]).
+#pragma once
+
+#include <type_traits>
+
+#include "../common/launch.cuh"
+#include "activation.cuh"
+#include "gemm.h"
+#include "heuristics.h"
+#include "rows.cuh"
+#include "tile.cuh"
+
+namespace moe {
+namespace gemm {
+
+// The built configurations (heuristics.h tile_config has the same numbers).
+using TileM128N128 = TileTraits<128, 128, 32, 2, 4, 3>;
+using TileM64N64 = TileTraits<64, 64, 32, 2, 2, 4>;
+using TileM16N64 = TileTraits<16, 64, 64, 1, 4, 4>;
+
+constexpr int kScheduleThreads = 1024;
+
+// tile_start[e] = sum over e' < e of ceil(rows_e' / tile_m), e = 0..E (one block).
+__global__ void __launch_bounds__(kScheduleThreads)
+    grouped_gemm_schedule_kernel(ExpertRows rows, int num_experts, int tile_m, int32_t* tile_start) {
+  __shared__ int32_t warp_totals[kScheduleThreads / 32];
+  __shared__ int32_t carry;
+  if (threadIdx.x == 0) carry = 0;
+  // Rounds of kScheduleThreads experts: a block-wide exclusive scan each, plus the carry.
+  for (int base = 0; base <= num_experts; base += kScheduleThreads) {
+    const int e = base + threadIdx.x;
+    const int32_t tiles = e < num_experts ? static_cast<int32_t>((rows.of(e).count + tile_m - 1) / tile_m) : 0;
+    const int32_t exclusive = block_exclusive_scan<kScheduleThreads>(tiles, warp_totals);
+    __syncthreads();  // carry of the previous round is final (written after its scan)
+    const int32_t before = carry;
+    if (e <= num_experts) tile_start[e] = before + exclusive;
+    __syncthreads();  // everyone read carry
+    if (threadIdx.x == kScheduleThreads - 1) carry = before + exclusive + tiles;
+  }
+}
+
+// Which pre-activation column (row of w) sits at local column `n_local` of n-tile `n_tile`,
+// and whether it exists. Plain and interleaved tiles take BN consecutive columns; a tile
+// of a halves-gated activation takes BN / 2 outputs: each warp's first WTN / 2 columns are
+// gate columns (of N's first half), the next WTN / 2 the up columns of the same outputs.
+template <class Tr>
+__device__ __forceinline__ int64_t weight_row(int n_local, int64_t n_tile, int64_t n, bool halves,
+                                              bool& valid) {
+  if (!halves) {
+    const int64_t col = n_tile * Tr::BN + n_local;
+    valid = col < n;
+    return col;
+  }
+  const int within = n_local % Tr::WTN;
+  const int64_t out = n_tile * (Tr::BN / 2) + (n_local / Tr::WTN) * (Tr::WTN / 2) + within % (Tr::WTN / 2);
+  valid = out < n / 2;
+  return out + (within >= Tr::WTN / 2 ? n / 2 : 0);
+}
+
+template <typename T, class Tr, bool W_KN>
+__global__ void __launch_bounds__(Tr::THREADS) grouped_gemm_kernel(GroupedGemmParams p) {
+  T* smem = dynamic_smem<T>();
+  const int32_t* tile_start = static_cast<const int32_t*>(p.workspace);
+  const ExpertRows rows{p.offsets, p.counts, p.counts_int64, p.rows_per_expert, p.m};
+  const T* x = static_cast<const T*>(p.x);
+  const T* w = static_cast<const T*>(p.w);
+  const int E = p.num_experts;
+  const bool gated = activation_is_gated(p.activation);
+  const bool halves = activation_splits_halves(p.activation);
+  const int64_t n_out = gated ? p.n / 2 : p.n;
+  // Output columns per tile: BN, or BN / 2 when two pre-activation columns make one.
+  const int out_per_tile = gated ? Tr::BN / 2 : Tr::BN;
+  const int64_t n_tiles = (n_out + out_per_tile - 1) / out_per_tile;
+  const int64_t total = static_cast<int64_t>(tile_start[E]) * n_tiles;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warp_m = warp / Tr::WN, warp_n = warp % Tr::WN;
+  const int num_steps = static_cast<int>((p.k + Tr::BK - 1) / Tr::BK);
+  constexpr int CPR_K = Tr::BK / Tr::CHUNK;  // chunks per row of an outer-major tile
+  constexpr int CPR_N = Tr::BN / Tr::CHUNK;  // chunks per row of a [BK][BN] tile
+  constexpr int A_COPIES = Tr::BM * CPR_K / Tr::THREADS;
+  constexpr int B_COPIES = (W_KN ? Tr::BK * CPR_N : Tr::BN * CPR_K) / Tr::THREADS;
+  static_assert(A_COPIES * Tr::THREADS == Tr::BM * CPR_K, "A tile copies split evenly over the threads");
+  static_assert(B_COPIES * Tr::THREADS == (W_KN ? Tr::BK * CPR_N : Tr::BN * CPR_K),
+                "B tile copies split evenly over the threads");
+
+  for (int64_t t = blockIdx.x; t < total; t += gridDim.x) {
+    const int32_t m_tile = static_cast<int32_t>(t / n_tiles);
+    const int64_t n_tile = t % n_tiles;
+    const int e = find_tile_expert(tile_start, E, m_tile);
+    const RowRange range = rows.of(e);
+    const int64_t row0 = range.begin + static_cast<int64_t>(m_tile - tile_start[e]) * Tr::BM;
+    const int64_t left = range.begin + range.count - row0;
+    const int tile_rows = left < Tr::BM ? static_cast<int>(left) : Tr::BM;
+    const T* w_e = w + static_cast<int64_t>(e) * p.n * p.k;
+
+    // Each thread's A rows and B rows (or columns) are fixed for the whole tile.
+    const T* a_src[A_COPIES];
+    int a_chunk[A_COPIES];
+#pragma unroll
+    for (int c = 0; c < A_COPIES; ++c) {
+      const int idx = threadIdx.x + c * Tr::THREADS;
+      const int r = idx / CPR_K;
+      a_chunk[c] = idx % CPR_K;
+      a_src[c] = nullptr;
+      if (r < tile_rows) {
+        const int64_t x_row = p.gather != nullptr ? read_index(p.gather, p.gather_int64, row0 + r) : row0 + r;
+        if (x_row >= 0 && x_row < p.x_rows) a_src[c] = x + x_row * p.k;
+      }
+    }
+    const T* b_src[B_COPIES];
+    int b_chunk[B_COPIES];
+#pragma unroll
+    for (int c = 0; c < B_COPIES; ++c) {
+      const int idx = threadIdx.x + c * Tr::THREADS;
+      bool valid;
+      if constexpr (W_KN) {  // [BK][BN]: a chunk is 8 columns (w rows are k)
+        const int col = (idx % CPR_N) * Tr::CHUNK;
+        b_chunk[c] = idx / CPR_N;  // the tile row (k) it copies
+        const int64_t n_col = weight_row<Tr>(col, n_tile, p.n, halves, valid);
+        b_src[c] = valid ? w_e + n_col : nullptr;
+      } else {  // [BN][BK]: a chunk is 8 k of one w row
+        b_chunk[c] = idx % CPR_K;
+        const int64_t n_row = weight_row<Tr>(idx / CPR_K, n_tile, p.n, halves, valid);
+        b_src[c] = valid ? w_e + n_row * p.k : nullptr;
+      }
+    }
+
+    auto load_stage = [&](T* sa, T* sb, int step) {
+      const int64_t k0 = static_cast<int64_t>(step) * Tr::BK;
+#pragma unroll
+      for (int c = 0; c < A_COPIES; ++c) {
+        const int idx = threadIdx.x + c * Tr::THREADS;
+        const int64_t kc = k0 + a_chunk[c] * Tr::CHUNK;
+        copy_chunk(sa + (idx / CPR_K) * (Tr::BK + Tr::PAD) + a_chunk[c] * Tr::CHUNK,
+                   a_src[c] != nullptr && kc < p.k ? a_src[c] + kc : nullptr, x);
+      }
+#pragma unroll
+      for (int c = 0; c < B_COPIES; ++c) {
+        const int idx = threadIdx.x + c * Tr::THREADS;
+        if constexpr (W_KN) {
+          const int64_t kr = k0 + b_chunk[c];
+          copy_chunk(sb + b_chunk[c] * (Tr::BN + Tr::PAD) + (idx % CPR_N) * Tr::CHUNK,
+                     b_src[c] != nullptr && kr < p.k ? b_src[c] + kr * p.n : nullptr, w);
+        } else {
+          const int64_t kc = k0 + b_chunk[c] * Tr::CHUNK;
+          copy_chunk(sb + (idx / CPR_K) * (Tr::BK + Tr::PAD) + b_chunk[c] * Tr::CHUNK,
+                     b_src[c] != nullptr && kc < p.k ? b_src[c] + kc : nullptr, w);
+        }
+      }
+    };
+
+    Accumulators<Tr> acc;
+    acc.zero();
+    pipelined_mma<Tr, T, false, W_KN>(acc, smem, num_steps, warp_m, warp_n, load_stage);
+
+    // Epilogue. Lane (g, t4) holds rows g and g + 8 of each m16 tile, columns 2 t4 and
+    // 2 t4 + 1 of each n8 tile (mma.cuh).
+    const int g = lane / 4, t4 = lane % 4;
+    T* y = static_cast<T*>(p.y);
+    float* pre = p.pre_activation;
+    const float* bias_e = p.bias != nullptr ? p.bias + static_cast<int64_t>(e) * p.n : nullptr;
+#pragma unroll
+    for (int i = 0; i < Tr::MI; ++i) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = warp_m * Tr::WTM + i * 16 + g + 8 * h;
+        if (r >= tile_rows) continue;
+        const int64_t row = row0 + r;
+        const float scale = p.row_scale != nullptr ? p.row_scale[row] : 1.f;
+        // Pre-activation pairs (bias added, pre saved) of this row, per n8 tile.
+        float v[Tr::NI][2];
+        int64_t col[Tr::NI];
+        bool valid[Tr::NI];
+#pragma unroll
+        for (int j = 0; j < Tr::NI; ++j) {
+          col[j] = weight_row<Tr>(warp_n * Tr::WTN + j * 8 + 2 * t4, n_tile, p.n, halves, valid[j]);
+          v[j][0] = acc.c[i][j].reg[2 * h];
+          v[j][1] = acc.c[i][j].reg[2 * h + 1];
+          if (!valid[j]) continue;
+          if (bias_e != nullptr) {
+            v[j][0] += bias_e[col[j]];
+            v[j][1] += bias_e[col[j] + 1];
+          }
+          if (pre != nullptr) store_pair(pre + row * p.n + col[j], v[j][0], v[j][1]);
+        }
+        if (!gated) {
+#pragma unroll
+          for (int j = 0; j < Tr::NI; ++j) {
+            if (valid[j]) {
+              store_pair(y + row * n_out + col[j], activate(p.activation, v[j][0]) * scale,
+                         activate(p.activation, v[j][1]) * scale);
+            }
+          }
+        } else if (!halves) {  // swiglu_oai: (gate, up) are the lane's column pair
+#pragma unroll
+          for (int j = 0; j < Tr::NI; ++j) {
+            if (valid[j]) {
+              y[row * n_out + col[j] / 2] = from_float<T>(swiglu_oai(v[j][0], v[j][1], p.alpha, p.limit) * scale);
+            }
+          }
+        } else {  // tile j (gate) pairs with tile j + NI / 2 (up) of the same outputs
+#pragma unroll
+          for (int j = 0; j < Tr::NI / 2; ++j) {
+            if (valid[j]) {
+              store_pair(y + row * n_out + col[j],
+                         gated_activate(p.activation, v[j][0], v[j + Tr::NI / 2][0]) * scale,
+                         gated_activate(p.activation, v[j][1], v[j + Tr::NI / 2][1]) * scale);
+            }
+          }
+        }
+      }
+    }
+    __syncthreads();  // the next tile's prologue overwrites the stages
+  }
+
+  // Rows of y (and of the saved pre-activation) that no expert covers are zeros: one warp
+  // per row.
+  const int64_t warps_total = static_cast<int64_t>(gridDim.x) * Tr::WARPS;
+  const int64_t first_warp = static_cast<int64_t>(blockIdx.x) * Tr::WARPS + warp;
+  T* y = static_cast<T*>(p.y);
+  float* pre = p.pre_activation;
+  rows.for_each_uncovered_row(first_warp, warps_total, E, [&](int64_t row) {
+    for (int64_t j = 2 * lane; j < n_out; j += 64) store_pair(y + row * n_out + j, 0.f, 0.f);
+    if (pre != nullptr) {
+      for (int64_t j = 2 * lane; j < p.n; j += 64) store_pair(pre + row * p.n + j, 0.f, 0.f);
+    }
+  });
+}
+
+template <typename T, class Tr, bool W_KN>
+void launch_tile(const GroupedGemmParams& p, GemmConfig& config, cudaStream_t stream) {
+  const bool gated = activation_is_gated(p.activation);
+  const int64_t n_out = gated ? p.n / 2 : p.n;
+  const int out_per_tile = gated ? Tr::BN / 2 : Tr::BN;
+  const int64_t n_tiles = (n_out + out_per_tile - 1) / out_per_tile;
+  config.grid = persistent_grid(p.num_sms, max_tiles(config, p.m, n_tiles, p.num_experts));
+  constexpr size_t smem = Tr::template smem_bytes<false, W_KN>();
+  LaunchConfig cfg{dim3(config.grid), dim3(Tr::THREADS), smem, stream};
+  launch_kernel("grouped_gemm_kernel", grouped_gemm_kernel<T, Tr, W_KN>, cfg, p);
+}
+
+template <typename T, class Tr>
+void launch_layout(const GroupedGemmParams& p, GemmConfig& config, cudaStream_t stream) {
+  static_assert(sizeof(T) == 2, "tensor-core operands are 16-bit");
+  if (p.w_kn) {
+    launch_tile<T, Tr, true>(p, config, stream);
+  } else {
+    launch_tile<T, Tr, false>(p, config, stream);
+  }
+}
+
+template <typename T>
+void launch_typed(const GroupedGemmParams& p, GemmConfig& config, cudaStream_t stream) {
+  switch (config.tile) {
+    case GemmTile::m128n128: return launch_layout<T, TileM128N128>(p, config, stream);
+    case GemmTile::m64n64: return launch_layout<T, TileM64N64>(p, config, stream);
+    case GemmTile::m16n64: return launch_layout<T, TileM16N64>(p, config, stream);
+  }
+}
+
+}  // namespace gemm
+
+GemmConfig gemm_tile_config(GemmTile tile) { return gemm::tile_config(tile); }
+
+GemmConfig choose_gemm_config(int arch, int num_sms, int64_t m, int64_t n, int64_t k,
+                                     int num_experts, bool masked, int64_t rows_per_expert,
+                                     Activation activation, bool w_kn) {
+  return gemm::choose(arch, num_sms, m, n, k, num_experts, masked, rows_per_expert, activation, w_kn);
+}
+
+size_t grouped_gemm_workspace_bytes(int num_experts) {
+  return (static_cast<size_t>(num_experts) + 1) * sizeof(int32_t);
+}
+
+GemmConfig launch_grouped_gemm(const GroupedGemmParams& params, cudaStream_t stream) {
+  GroupedGemmParams p = params;
+  if (p.num_experts < 1 || p.num_experts > kMaxExperts) {
+    throw std::invalid_argument("grouped_gemm: num_experts must be in [1, 4096]");
+  }
+  if (p.n % 8 != 0 || p.k % 8 != 0 || p.n < 8 || p.k < 8) {
+    throw std::invalid_argument("grouped_gemm: n and k must be positive multiples of 8");
+  }
+  if (p.dtype != DType::bf16 && p.dtype != DType::f16) throw std::invalid_argument("grouped_gemm: bf16 or f16 only");
+  if (p.arch == 0 || p.num_sms == 0) {
+    const DeviceProperties device = current_device_properties();
+    if (p.arch == 0) p.arch = device.arch;
+    if (p.num_sms == 0) p.num_sms = device.num_sms;
+  }
+  GemmConfig config = p.forced_tile >= 0 ? gemm::tile_config(static_cast<GemmTile>(p.forced_tile))
+                                         : gemm::choose(p.arch, p.num_sms, p.m, p.n, p.k, p.num_experts,
+                                                        p.offsets == nullptr, p.rows_per_expert,
+                                                        p.activation, p.w_kn);
+  if (p.m == 0) return config;
+  const gemm::ExpertRows rows{p.offsets, p.counts, p.counts_int64, p.rows_per_expert, p.m};
+  LaunchConfig schedule{dim3(1), dim3(gemm::kScheduleThreads), 0, stream};
+  launch_kernel("grouped_gemm_schedule_kernel", gemm::grouped_gemm_schedule_kernel, schedule, rows,
+                p.num_experts, config.tile_m, static_cast<int32_t*>(p.workspace));
+  if (p.dtype == DType::bf16) {
+    gemm::launch_typed<__nv_bfloat16>(p, config, stream);
+  } else {
+    gemm::launch_typed<__half>(p, config, stream);
+  }
+  return config;
+}
+
+}  // namespace moe

@@ -1,0 +1,83 @@
+// Tile heuristic of the grouped GEMM: pure host code, no CUDA. Picks one of the built tile
+// configurations (gemm.h, GemmTile) from the problem's static shape (never from the
+// expert boundaries, which live on the device) and the device (arch, multiprocessors).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "gemm.h"
+
+namespace moe {
+namespace gemm {
+
+// The shapes of the built configurations; grouped_gemm.cuh static_asserts its traits
+// against these numbers.
+inline GemmConfig tile_config(GemmTile tile) {
+  GemmConfig c;
+  c.tile = tile;
+  switch (tile) {
+    case GemmTile::m128n128:
+      c.tile_m = 128, c.tile_n = 128, c.tile_k = 32, c.warps = 8, c.stages = 3, c.variant = "prefill";
+      break;
+    case GemmTile::m64n64:
+      c.tile_m = 64, c.tile_n = 64, c.tile_k = 32, c.warps = 4, c.stages = 4, c.variant = "prefill";
+      break;
+    case GemmTile::m16n64:
+      c.tile_m = 16, c.tile_n = 64, c.tile_k = 64, c.warps = 4, c.stages = 4, c.variant = "decode";
+      break;
+  }
+  return c;
+}
+
+// Shared memory per block of a configuration: `stages` copies of the A and B tiles, each
+// smem row padded by 8 elements (16 bytes) so that ldmatrix rows fall in distinct banks.
+inline int64_t tile_smem_bytes(const GemmConfig& c, bool w_kn) {
+  const int64_t a = int64_t{c.tile_m} * (c.tile_k + 8);
+  const int64_t b = w_kn ? int64_t{c.tile_k} * (c.tile_n + 8) : int64_t{c.tile_n} * (c.tile_k + 8);
+  return c.stages * (a + b) * 2;
+}
+
+// Blocks of the persistent grid: enough to fill every multiprocessor twice (a block
+// waiting on its copies overlaps another's math), never more than the tiles that can exist.
+inline int persistent_grid(int num_sms, int64_t max_tiles) {
+  const int64_t blocks = std::min<int64_t>(int64_t{2} * std::max(num_sms, 1), std::max<int64_t>(max_tiles, 1));
+  return static_cast<int>(blocks);
+}
+
+// Tiles the schedule can hold at most: every expert's last m-tile may be partial, so
+// ceil(m / tile_m) + E m-tiles, times the n-tiles.
+inline int64_t max_tiles(const GemmConfig& c, int64_t m, int64_t n_out_per_tile_cols, int num_experts) {
+  return ((m + c.tile_m - 1) / c.tile_m + num_experts) * n_out_per_tile_cols;
+}
+
+// The choice:
+//  - decode (m16n64) when experts average at most 16 rows (masked: S <= 16): one m16 block
+//    covers an expert's rows, so each active expert's weights are read exactly once, and
+//    experts without rows are never touched;
+//  - else m128n128 when it still gives every multiprocessor a tile (arch-independent today:
+//    its 3 stages need 61 KiB, within every supported arch's opt-in limit), else the
+//    smaller m64n64 (four times the tiles) so small problems spread over the device.
+inline GemmConfig choose(int arch, int num_sms, int64_t m, int64_t n, int64_t k, int num_experts,
+                         bool masked, int64_t rows_per_expert, Activation activation, bool w_kn) {
+  (void)k;
+  const int64_t avg_rows = masked ? rows_per_expert : (m + num_experts - 1) / std::max(num_experts, 1);
+  GemmTile tile;
+  if (avg_rows <= 16) {
+    tile = GemmTile::m16n64;
+  } else {
+    const GemmConfig big = tile_config(GemmTile::m128n128);
+    const int64_t big_tiles = ((m + big.tile_m - 1) / big.tile_m) * ((n + big.tile_n - 1) / big.tile_n);
+    tile = big_tiles >= num_sms ? GemmTile::m128n128 : GemmTile::m64n64;
+  }
+  GemmConfig c = tile_config(tile);
+  // sm_120 / sm_89 parts have ~100 KiB per block; every configuration fits (checked here
+  // so that a new, larger one is not launched where it cannot run).
+  const int64_t limit = (arch == 80) ? 163 * 1024 : (arch == 90 || arch == 100) ? 227 * 1024 : 99 * 1024;
+  if (tile_smem_bytes(c, w_kn) > limit) c = tile_config(GemmTile::m64n64);
+  (void)activation;
+  return c;
+}
+
+}  // namespace gemm
+}  // namespace moe

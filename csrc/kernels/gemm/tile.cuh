@@ -1,0 +1,168 @@
+// The tensor-core tile machinery shared by the grouped GEMM kernels: tile traits, the
+// multi-stage cp.async pipeline, fragment loads (ldmatrix) and the warp's mma loop.
+//
+// A block computes a BM x BN tile of C = A . B (A: BM x K, B: K x BN) as WM x WN warps,
+// each a WTM x WTN warp tile of MI x NI mma.m16n8k16 tiles with fp32 accumulators. The
+// reduction runs in BK-deep steps; each step's A and B tiles are copied to shared memory
+// by cp.async, STAGES steps ahead of the math.
+//
+// Shared-memory tiles are row-major with 8 elements (16 bytes) of padding per row. Each
+// operand is stored in one of two orientations:
+//   "outer-major" (A as [BM][BK], B as [BN][BK]): the reduction index is contiguous, the
+//       layout of x and of [E, N, K] weights; ldmatrix without .trans gives the fragments;
+//   "reduction-major" (A as [BK][BM], B as [BK][BN]): the outer index is contiguous, the
+//       layout of [E, K, N] weights and of both operands of the weight gradient;
+//       ldmatrix.trans gives the fragments.
+// With the padding every row stride is an odd number of 16-byte units when the unpadded
+// row is a multiple of 32 bytes (all tiles here), so the 8 rows one ldmatrix phase reads
+// fall in 8 distinct groups of 4 banks: no bank conflicts.
+#pragma once
+
+#include "../common/cp_async.cuh"
+#include "../common/ldmatrix.cuh"
+#include "../common/memory.cuh"
+#include "../common/mma.cuh"
+
+namespace moe {
+namespace gemm {
+
+template <int BM_, int BN_, int BK_, int WM_, int WN_, int STAGES_>
+struct TileTraits {
+  static constexpr int BM = BM_, BN = BN_, BK = BK_, WM = WM_, WN = WN_, STAGES = STAGES_;
+  static constexpr int WARPS = WM * WN;
+  static constexpr int THREADS = WARPS * 32;
+  static constexpr int WTM = BM / WM;  // warp tile
+  static constexpr int WTN = BN / WN;
+  static constexpr int MI = WTM / 16;  // mma tiles per warp
+  static constexpr int NI = WTN / 8;
+  static constexpr int PAD = 8;
+  static constexpr int CHUNK = 8;      // b16 elements per 16-byte copy
+  static_assert(BM % WM == 0 && BN % WN == 0 && WTM % 16 == 0 && WTN % 16 == 0,
+                "warp tiles are whole m16 x (2 x n8) blocks: B fragments load two n8 tiles at once");
+  static_assert(BK % 16 == 0, "the reduction steps are k16");
+  static_assert(BM % 16 == 0 && BN % 16 == 0 && BK % 16 == 0,
+                "unpadded smem rows must be multiples of 32 bytes for conflict-free ldmatrix");
+  static_assert(STAGES >= 2, "a pipeline needs at least two stages");
+  // Elements of one stage's tiles, by orientation.
+  static constexpr int A_OUTER = BM * (BK + PAD);  // [BM][BK]
+  static constexpr int A_RED = BK * (BM + PAD);    // [BK][BM]
+  static constexpr int B_OUTER = BN * (BK + PAD);  // [BN][BK]
+  static constexpr int B_RED = BK * (BN + PAD);    // [BK][BN]
+  template <bool A_REDUCTION_MAJOR, bool B_REDUCTION_MAJOR>
+  __host__ __device__ static constexpr int stage_elems() {
+    return (A_REDUCTION_MAJOR ? A_RED : A_OUTER) + (B_REDUCTION_MAJOR ? B_RED : B_OUTER);
+  }
+  template <bool A_REDUCTION_MAJOR, bool B_REDUCTION_MAJOR>
+  __host__ __device__ static constexpr int smem_bytes() {
+    return STAGES * stage_elems<A_REDUCTION_MAJOR, B_REDUCTION_MAJOR>() * 2;
+  }
+};
+
+template <typename T>
+__device__ __forceinline__ void mma_m16n8k16(MmaFragC& acc, const MmaFragA& a, const MmaFragB& b) {
+  if constexpr (sizeof(T) == 2 && std::is_same_v<T, __nv_bfloat16>) {
+    mma_m16n8k16_bf16(acc, a, b, acc);
+  } else {
+    mma_m16n8k16_f16(acc, a, b, acc);
+  }
+}
+
+// Copies one 16-byte chunk to shared memory, or zeros when `src` is null (a row or column
+// outside the matrix). The zero-fill copy still needs a valid, aligned source address:
+// `fallback` (the tensor's base) is read for 0 bytes.
+template <typename T>
+__device__ __forceinline__ void copy_chunk(T* dst, const T* src, const T* fallback) {
+  cp_async_cg_16_zfill(dst, src != nullptr ? src : fallback, src != nullptr ? 16 : 0);
+}
+
+// The warp's accumulators: MI x NI mma tiles.
+template <class Tr>
+struct Accumulators {
+  MmaFragC c[Tr::MI][Tr::NI];
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int i = 0; i < Tr::MI; ++i)
+#pragma unroll
+      for (int j = 0; j < Tr::NI; ++j)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) c[i][j].reg[r] = 0.f;
+  }
+};
+
+// One BK-deep step of the warp's math on a stage in shared memory. `a` and `b` point at the
+// stage's A and B tiles; (warp_m, warp_n) is the warp's position in the block tile.
+template <class Tr, typename T, bool A_RED, bool B_RED>
+__device__ __forceinline__ void warp_mma_stage(Accumulators<Tr>& acc, const T* a, const T* b,
+                                               int warp_m, int warp_n) {
+  const int lane = threadIdx.x % 32;
+  const int q = lane / 8, r = lane % 8;  // the 8x8 matrix this lane addresses, and its row
+#pragma unroll
+  for (int kk = 0; kk < Tr::BK; kk += 16) {
+    MmaFragA fa[Tr::MI];
+    MmaFragB fb[Tr::NI];
+#pragma unroll
+    for (int i = 0; i < Tr::MI; ++i) {
+      const int m0 = warp_m * Tr::WTM + i * 16;
+      // Matrices 0..3 of .x4 are A's registers 0..3: (m 0-7, k 0-7), (m 8-15, k 0-7),
+      // (m 0-7, k 8-15), (m 8-15, k 8-15).
+      if constexpr (A_RED) {
+        ldmatrix_x4_trans(fa[i].reg, a + (kk + (q / 2) * 8 + r) * (Tr::BM + Tr::PAD) + m0 + (q % 2) * 8);
+      } else {
+        ldmatrix_x4(fa[i].reg, a + (m0 + lane % 16) * (Tr::BK + Tr::PAD) + kk + (lane / 16) * 8);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < Tr::NI; j += 2) {
+      const int n0 = warp_n * Tr::WTN + j * 8;
+      // Matrices 0..3: B registers 0, 1 of n8 tile j, then of tile j + 1:
+      // (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15).
+      uint32_t regs[4];
+      if constexpr (B_RED) {
+        ldmatrix_x4_trans(regs, b + (kk + (q % 2) * 8 + r) * (Tr::BN + Tr::PAD) + n0 + (q / 2) * 8);
+      } else {
+        ldmatrix_x4(regs, b + (n0 + (q / 2) * 8 + r) * (Tr::BK + Tr::PAD) + kk + (q % 2) * 8);
+      }
+      fb[j].reg[0] = regs[0];
+      fb[j].reg[1] = regs[1];
+      fb[j + 1].reg[0] = regs[2];
+      fb[j + 1].reg[1] = regs[3];
+    }
+#pragma unroll
+    for (int i = 0; i < Tr::MI; ++i)
+#pragma unroll
+      for (int j = 0; j < Tr::NI; ++j) mma_m16n8k16<T>(acc.c[i][j], fa[i], fb[j]);
+  }
+}
+
+// The pipelined reduction: `load_stage(stage_a, stage_b, step)` issues the cp.async copies
+// of reduction step `step` into one stage's tiles (every thread its share); the copies of
+// step s + STAGES - 1 are in flight while step s is computed. Every thread of the block
+// calls it. Leaves no copy in flight; the caller puts a barrier between this and any
+// later write to the stages (the next tile's prologue).
+template <class Tr, typename T, bool A_RED, bool B_RED, class LoadStage>
+__device__ __forceinline__ void pipelined_mma(Accumulators<Tr>& acc, T* smem, int num_steps,
+                                              int warp_m, int warp_n, LoadStage load_stage) {
+  constexpr int A_ELEMS = A_RED ? Tr::A_RED : Tr::A_OUTER;
+  constexpr int STAGE = Tr::template stage_elems<A_RED, B_RED>();
+  auto stage_a = [&](int s) { return smem + s * STAGE; };
+  auto stage_b = [&](int s) { return smem + s * STAGE + A_ELEMS; };
+#pragma unroll
+  for (int s = 0; s < Tr::STAGES - 1; ++s) {
+    if (s < num_steps) load_stage(stage_a(s), stage_b(s), s);
+    cp_async_commit_group();  // empty groups keep the count uniform
+  }
+  for (int step = 0; step < num_steps; ++step) {
+    cp_async_wait_group<Tr::STAGES - 2>();  // this step's copies (of this thread) landed
+    __syncthreads();                        // ... and everyone's; the stage refilled below
+                                            // was last read in the previous step
+    const int next = step + Tr::STAGES - 1;
+    if (next < num_steps) load_stage(stage_a(next % Tr::STAGES), stage_b(next % Tr::STAGES), next);
+    cp_async_commit_group();
+    const int s = step % Tr::STAGES;
+    warp_mma_stage<Tr, T, A_RED, B_RED>(acc, stage_a(s), stage_b(s), warp_m, warp_n);
+  }
+  cp_async_wait_all();
+}
+
+}  // namespace gemm
+}  // namespace moe
