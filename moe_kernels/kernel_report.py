@@ -36,6 +36,9 @@ SM_LIMITS = {
 # Tensor-core opcodes across generations (mma.sync -> HMMA/IMMA, wgmma -> *GMMA,
 # tcgen05 -> UTC*MMA, fp8/fp4 -> QMMA/OMMA).
 TENSOR_CORE_SASS = re.compile(r"\b(HMMA|IMMA|DMMA|BMMA|HGMMA|IGMMA|QGMMA|BGMMA|QMMA|OMMA|UTC\w*MMA)\b")
+# ldmatrix -> LDSM; cp.async -> LDGSTS (its waits are DEPBAR / LDGDEPBAR).
+LDMATRIX_SASS = re.compile(r"\bLDSM\b")
+CP_ASYNC_SASS = re.compile(r"\bLDGSTS\b")
 
 
 @dataclasses.dataclass
@@ -49,6 +52,13 @@ class KernelRow:
     max_threads: int
     occupancy: float
     tensor_cores: bool
+    ldmatrix: bool = False
+    cp_async: bool = False
+
+    @property
+    def mma_pipeline(self):
+        """Tensor cores fed by ldmatrix from cp.async copies: what every GEMM kernel must show."""
+        return self.tensor_cores and self.ldmatrix and self.cp_async
 
     @property
     def uses_local_memory(self):
@@ -121,6 +131,11 @@ def parse_max_threads(elf_text):
 
 def parse_tensor_core_use(sass_text):
     """{(arch, mangled): True if its SASS holds a tensor-core instruction}."""
+    return parse_sass_use(sass_text, TENSOR_CORE_SASS)
+
+
+def parse_sass_use(sass_text, pattern):
+    """{(arch, mangled): True if its SASS holds an instruction matching `pattern`}."""
     result, arch, function = {}, None, None
     for line in sass_text.splitlines():
         if m := re.match(r"\s*arch = (sm_\d+\w*)", line):
@@ -128,7 +143,7 @@ def parse_tensor_core_use(sass_text):
         elif m := re.match(r"\s*Function : (\S+)", line):
             function = m.group(1)
             result[(arch, function)] = False
-        elif function and TENSOR_CORE_SASS.search(line):
+        elif function and pattern.search(line):
             result[(arch, function)] = True
     return result
 
@@ -154,7 +169,10 @@ def kernel_report(so_path=None):
     so_path = so_path or default_extension_path()
     env = dict(os.environ, PATH=os.pathsep.join([os.path.dirname(nvdisasm), os.environ.get("PATH", "")]))
     usage = parse_resource_usage(_run(cuobjdump, "-res-usage", so_path))
-    tensor_cores = parse_tensor_core_use(_run(cuobjdump, "-sass", so_path, env=env))
+    sass = _run(cuobjdump, "-sass", so_path, env=env)
+    tensor_cores = parse_tensor_core_use(sass)
+    ldmatrix = parse_sass_use(sass, LDMATRIX_SASS)
+    cp_async = parse_sass_use(sass, CP_ASYNC_SASS)
     archs = sorted({arch for arch, _ in usage})
     bounds = {arch: parse_max_threads(_run(cuobjdump, "-elf", "-arch", arch, so_path)) for arch in archs}
     names = _demangle(sorted({fn for _, fn in usage}))
@@ -166,14 +184,18 @@ def kernel_report(so_path=None):
             kernel=names[fn], arch=arch, registers=u.get("REG", 0), stack_bytes=u.get("STACK", 0),
             local_bytes=u.get("LOCAL", 0), static_smem_bytes=u.get("SHARED", 0), max_threads=threads,
             occupancy=occupancy(arch, u.get("REG", 0), u.get("SHARED", 0), threads),
-            tensor_cores=tensor_cores.get((arch, fn), False)))
+            tensor_cores=tensor_cores.get((arch, fn), False), ldmatrix=ldmatrix.get((arch, fn), False),
+            cp_async=cp_async.get((arch, fn), False)))
     return rows
 
 
 def format_table(rows):
-    header = ("kernel", "arch", "regs", "stack", "local", "smem", "threads", "occupancy", "tensor cores")
+    header = ("kernel", "arch", "regs", "stack", "local", "smem", "threads", "occupancy", "HMMA", "LDSM",
+              "LDGSTS")
+    yes = lambda flag: "yes" if flag else "no"  # noqa: E731
     lines = [(r.kernel, r.arch, r.registers, r.stack_bytes, r.local_bytes, r.static_smem_bytes,
-              r.max_threads, f"{r.occupancy:.0%}", "yes" if r.tensor_cores else "no") for r in rows]
+              r.max_threads, f"{r.occupancy:.0%}", yes(r.tensor_cores), yes(r.ldmatrix), yes(r.cp_async))
+             for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
     fmt = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
     return "\n".join([fmt(header), fmt("-" * w for w in widths)] + [fmt(line) for line in lines])
@@ -185,6 +207,9 @@ def main(argv=None):
     parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--fail-on-spill", action="store_true",
                         help="exit 1 if any kernel uses stack or local memory (spills)")
+    parser.add_argument("--require-mma", metavar="REGEX",
+                        help="exit 1 unless every kernel whose name matches REGEX has tensor-core "
+                             "(HMMA), ldmatrix (LDSM) and cp.async (LDGSTS) instructions on every arch")
     args = parser.parse_args(argv)
     try:
         rows = kernel_report(args.so)
@@ -202,7 +227,19 @@ def main(argv=None):
     if not rows:
         print("no kernels found in the binary", file=sys.stderr)
         return 1
-    return 1 if (args.fail_on_spill and spilling) else 0
+    missing_mma = []
+    if args.require_mma:
+        matching = [r for r in rows if re.search(args.require_mma, r.kernel)]
+        missing_mma = [r for r in matching if not r.mma_pipeline]
+        print(f"{len(matching)} kernel/arch rows match {args.require_mma!r}; "
+              f"{len(matching) - len(missing_mma)} have HMMA + LDSM + LDGSTS")
+        for r in missing_mma:
+            print(f"NO MMA PIPELINE: {r.kernel} on {r.arch}: HMMA {r.tensor_cores}, LDSM {r.ldmatrix}, "
+                  f"LDGSTS {r.cp_async}")
+        if not matching:
+            print(f"no kernel matches {args.require_mma!r}", file=sys.stderr)
+            return 1
+    return 1 if (args.fail_on_spill and spilling) or missing_mma else 0
 
 
 if __name__ == "__main__":

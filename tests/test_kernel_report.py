@@ -1,5 +1,6 @@
 """The kernel resource report: parsers on known text, and the built _C when present."""
 
+import re
 import shutil
 
 import pytest
@@ -65,6 +66,12 @@ def test_parse_max_threads():
     assert kr.parse_max_threads(ELF) == {"_Z3fooPf": 256, "_Z3barPf": 64}
 
 
+def test_parse_sass_use():
+    sass = SASS + "        /*0020*/                   LDSM.16.M88.4 R4, [R2] ;\n"
+    assert kr.parse_sass_use(sass, kr.LDMATRIX_SASS) == {("sm_90", "_Z3fooPf"): False, ("sm_90", "_Z3barPf"): True}
+    assert not any(kr.parse_sass_use(sass, kr.CP_ASYNC_SASS).values())
+
+
 def test_parse_tensor_core_use():
     assert kr.parse_tensor_core_use(SASS) == {("sm_90", "_Z3fooPf"): True, ("sm_90", "_Z3barPf"): False}
 
@@ -92,6 +99,8 @@ def test_built_extension_report():
     gating_archs = {r.arch for r in rows if "topk_gating_kernel" in r.kernel}
     assert {"sm_80", "sm_90"} <= gating_archs
     assert not [r for r in rows if r.uses_local_memory]
+    gemm = [r for r in rows if re.search(r"grouped_gemm(_wgrad)?_kernel<", r.kernel)]
+    assert gemm and all(r.mma_pipeline for r in gemm), [r for r in gemm if not r.mma_pipeline]
     assert all(0 < r.occupancy <= 1 for r in rows)
     assert shutil.which("c++filt") is None or all("(" in r.kernel for r in rows)
 

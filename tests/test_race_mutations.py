@@ -17,7 +17,7 @@ from conftest import needs_observer
 
 KERNELS = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "kernels"
 # The kernels the package ships (testing/ holds the emulator's own probes).
-SOURCES = sorted(str(p.relative_to(KERNELS)) for family in ("routing", "permute")
+SOURCES = sorted(str(p.relative_to(KERNELS)) for family in ("routing", "permute", "gemm")
                  for p in (KERNELS / family).glob("*.cuh")) + ["common/reduce.cuh"]
 BARRIER = re.compile(r"^\s*[^/]*\b(__syncthreads|__syncwarp)\s*\(")
 
@@ -61,6 +61,20 @@ def workload():
         moe_kernels.permute(big_x, big_ids, 7, capacity=90, drop_policy="weight", weights=big_w)
         # An expert range: the offsets kernel's threads then read counts other threads wrote.
         moe_kernels.permute(big_x, big_ids, 7, expert_range=(2, 7))
+        # Grouped GEMM, forward and backward: each persistent block runs several tiles (the
+        # emulated device has 4 multiprocessors, so 8 blocks), the activation backward several
+        # rows per block, and the schedule more than one round of 1024 experts.
+        xg = torch.randn(40, 136, generator=g).to(torch.bfloat16).requires_grad_(True)
+        wg = (torch.randn(3, 136, 136, generator=g) / 8).to(torch.bfloat16).requires_grad_(True)
+        offsets = torch.tensor([0, 12, 12, 37])
+        scale = torch.rand(40, generator=g).requires_grad_(True)
+        yg = moe_kernels.grouped_gemm(xg, wg, offsets, activation="silu_and_mul", row_scale=scale)
+        yg.float().sum().backward()
+        moe_kernels.grouped_gemm(xg.detach()[:6], wg.detach(), torch.tensor([0, 1, 1, 6]), config="16x64")
+        many = 1100
+        moe_kernels.grouped_gemm(torch.randn(3, 8, generator=g).to(torch.bfloat16),
+                                 torch.randn(many, 8, 8, generator=g).to(torch.bfloat16),
+                                 torch.tensor([0] * (many - 1) + [2, 3]))
 
 
 def test_workload_is_race_free(monkeypatch):

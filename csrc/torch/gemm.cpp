@@ -20,18 +20,14 @@ void check_aligned16(const at::Tensor& t, const char* arg) {
 }
 
 // The expert row layout: offsets [E + 1] int64 (contiguous) or counts [E] int32/int64
-// (masked), exactly one of them.
-struct Rows {
-  const int64_t* offsets = nullptr;
-  const void* counts = nullptr;
-  bool counts_int64 = false;
-};
-
-Rows check_rows_layout(const std::optional<at::Tensor>& offsets, const std::optional<at::Tensor>& counts,
-                       int64_t num_experts, const at::Tensor& ref) {
+// (masked), exactly one of them; m rows of y, S rows per expert (masked).
+ExpertRowLayout check_rows_layout(const std::optional<at::Tensor>& offsets, const std::optional<at::Tensor>& counts,
+                                  int64_t num_experts, int64_t m, int64_t rows_per_expert, const at::Tensor& ref) {
   MOE_CHECK_VALUE(offsets.has_value() != counts.has_value(), "offsets",
                   "expected exactly one of offsets (contiguous layout) and counts (masked layout)");
-  Rows r;
+  ExpertRowLayout r;
+  r.m = m;
+  r.rows_per_expert = rows_per_expert;
   if (offsets) {
     check_input(*offsets, "offsets", at::kLong, 1, ref);
     MOE_CHECK_VALUE(offsets->size(0) == num_experts + 1, "offsets", "expected ", num_experts + 1,
@@ -107,7 +103,6 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> grouped_gemm(
     MOE_CHECK_VALUE(n % 16 == 0, "w", "a gated activation on [E, K, N] weights needs N a multiple of 16 "
                     "(its up half starts at N / 2, copied 16 bytes at a time), got shape ", w.sizes());
   }
-  const Rows rows = check_rows_layout(offsets, counts, E, x);
   const bool masked = counts.has_value();
   int64_t m, x_rows, S = 0;
   if (masked) {
@@ -125,6 +120,7 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> grouped_gemm(
     if (gather) check_index(*gather, "gather", m, x);
   }
   MOE_CHECK_VALUE(m < (int64_t{1} << 31), "x", "expected fewer than 2^31 rows, got ", m);
+  const ExpertRowLayout rows = check_rows_layout(offsets, counts, E, m, S, x);
   if (bias) {
     check_input(*bias, "bias", at::kFloat, 2, x);
     MOE_CHECK_VALUE(bias->size(0) == E && bias->size(1) == n, "bias", "expected shape [", E, ", ", n,
@@ -155,11 +151,7 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> grouped_gemm(
   p.num_experts = static_cast<int>(E);
   p.n = n;
   p.k = k;
-  p.m = m;
-  p.offsets = rows.offsets;
-  p.counts = rows.counts;
-  p.counts_int64 = rows.counts_int64;
-  p.rows_per_expert = S;
+  p.rows = rows;
   p.gather = gather ? gather->data_ptr() : nullptr;
   p.gather_int64 = gather && gather->scalar_type() == at::kLong;
   p.bias = bias ? bias->data_ptr<float>() : nullptr;
@@ -191,7 +183,7 @@ at::Tensor grouped_gemm_wgrad(const at::Tensor& pm, const std::optional<at::Tens
                   kMaxExperts, ", got ", num_experts);
   MOE_CHECK_VALUE(pm.size(1) % 8 == 0 && qm.size(1) % 8 == 0, "p", "expected columns that are multiples of 8, got ",
                   pm.sizes(), " and ", qm.sizes());
-  const Rows rows = check_rows_layout(offsets, counts, num_experts, pm);
+  const ExpertRowLayout rows = check_rows_layout(offsets, counts, num_experts, m, rows_per_expert, pm);
   MOE_CHECK_VALUE(m >= 0 && (counts.has_value() ? m == num_experts * rows_per_expert : true), "m",
                   "expected E * S rows for the masked layout, got ", m);
   if (p_gather) check_index(*p_gather, "p_gather", m, pm);
@@ -216,11 +208,7 @@ at::Tensor grouped_gemm_wgrad(const at::Tensor& pm, const std::optional<at::Tens
   p.gather_int64 = any_gather != nullptr && any_gather->scalar_type() == at::kLong;
   p.dtype = dtype;
   p.num_experts = static_cast<int>(num_experts);
-  p.m = m;
-  p.offsets = rows.offsets;
-  p.counts = rows.counts;
-  p.counts_int64 = rows.counts_int64;
-  p.rows_per_expert = rows_per_expert;
+  p.rows = rows;
   p.out = out.data_ptr();
   launch_grouped_gemm_wgrad(p, current_stream(pm));
   return out;
@@ -279,7 +267,7 @@ at::Tensor grouped_column_sum(const at::Tensor& in, int64_t num_experts, const s
   check_contiguous(in, "in");
   MOE_CHECK_VALUE(num_experts >= 1 && num_experts <= kMaxExperts, "num_experts", "expected 1 to ",
                   kMaxExperts, ", got ", num_experts);
-  const Rows rows = check_rows_layout(offsets, counts, num_experts, in);
+  const ExpertRowLayout rows = check_rows_layout(offsets, counts, num_experts, in.size(0), rows_per_expert, in);
   MOE_CHECK_VALUE(!counts.has_value() || in.size(0) == num_experts * rows_per_expert, "in",
                   "expected E * S rows for the masked layout, got shape ", in.sizes());
   const c10::DeviceGuard guard(in.device());
@@ -289,11 +277,7 @@ at::Tensor grouped_column_sum(const at::Tensor& in, int64_t num_experts, const s
   p.dtype = dtype;
   p.n = in.size(1);
   p.num_experts = static_cast<int>(num_experts);
-  p.m = in.size(0);
-  p.offsets = rows.offsets;
-  p.counts = rows.counts;
-  p.counts_int64 = rows.counts_int64;
-  p.rows_per_expert = rows_per_expert;
+  p.rows = rows;
   p.out = out.data_ptr<float>();
   launch_grouped_column_sum(p, current_stream(in));
   return out;

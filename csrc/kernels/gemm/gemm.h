@@ -71,6 +71,17 @@ struct GemmConfig {
   const char* variant = "prefill";
 };
 
+// Which rows belong to which expert, read on the device: the contiguous layout's offsets
+// [E + 1] (rows [offsets[e], offsets[e + 1])), or the masked layout's counts [E] (the
+// first counts[e] of expert e's S rows).
+struct ExpertRowLayout {
+  const int64_t* offsets = nullptr;  // contiguous layout, or null
+  const void* counts = nullptr;      // masked layout: int32 or int64
+  bool counts_int64 = false;
+  int64_t rows_per_expert = 0;       // S (masked)
+  int64_t m = 0;                     // rows of y (masked: E * S)
+};
+
 struct GroupedGemmParams {
   const void* x = nullptr;          // [x_rows, k] (masked: [E, S, k]), dtype, 16-byte aligned rows
   DType dtype = DType::bf16;        // bf16 or f16 (x, w, y)
@@ -80,11 +91,7 @@ struct GroupedGemmParams {
   int num_experts = 0;
   int64_t n = 0;                    // columns of the product (before a gated activation halves them)
   int64_t k = 0;
-  int64_t m = 0;                    // rows of y (masked: E * S)
-  const int64_t* offsets = nullptr; // [E + 1] (contiguous layout) or null (masked)
-  const void* counts = nullptr;     // [E] int32 or int64 (masked layout) or null
-  bool counts_int64 = false;
-  int64_t rows_per_expert = 0;      // S of the masked layout
+  ExpertRowLayout rows;
   const void* gather = nullptr;     // [m] int32 or int64 or null (contiguous layout only)
   bool gather_int64 = false;
   const float* bias = nullptr;      // [E, n] or null
@@ -124,11 +131,7 @@ struct GroupedGemmWgradParams {
   bool gather_int64 = false;
   DType dtype = DType::bf16;
   int num_experts = 0;
-  int64_t m = 0;
-  const int64_t* offsets = nullptr;  // as GroupedGemmParams
-  const void* counts = nullptr;
-  bool counts_int64 = false;
-  int64_t rows_per_expert = 0;
+  ExpertRowLayout rows;
   void* out = nullptr;               // [E, p_cols, q_cols], dtype
 };
 
@@ -158,11 +161,7 @@ struct GroupedColumnSumParams {
   DType dtype = DType::bf16;
   int64_t n = 0;
   int num_experts = 0;
-  int64_t m = 0;
-  const int64_t* offsets = nullptr;  // as GroupedGemmParams
-  const void* counts = nullptr;
-  bool counts_int64 = false;
-  int64_t rows_per_expert = 0;
+  ExpertRowLayout rows;
   float* out = nullptr;              // [E, n] out
 };
 

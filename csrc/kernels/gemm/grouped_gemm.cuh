@@ -38,28 +38,26 @@ namespace moe {
 namespace gemm {
 
 // The built configurations (heuristics.h tile_config has the same numbers).
-using TileM128N128 = TileTraits<128, 128, 32, 2, 4, 3>;
-using TileM64N64 = TileTraits<64, 64, 32, 2, 2, 4>;
-using TileM16N64 = TileTraits<16, 64, 64, 1, 4, 4>;
+using TileM128N128 = TileTraits<128, 128, 32, 2, 4, 3, 1>;
+using TileM64N64 = TileTraits<64, 64, 32, 2, 2, 4, 3>;
+using TileM16N64 = TileTraits<16, 64, 64, 1, 4, 4, 4>;
 
 constexpr int kScheduleThreads = 1024;
 
 // tile_start[e] = sum over e' < e of ceil(rows_e' / tile_m), e = 0..E (one block).
 __global__ void __launch_bounds__(kScheduleThreads)
     grouped_gemm_schedule_kernel(ExpertRows rows, int num_experts, int tile_m, int32_t* tile_start) {
-  __shared__ int32_t warp_totals[kScheduleThreads / 32];
-  __shared__ int32_t carry;
-  if (threadIdx.x == 0) carry = 0;
-  // Rounds of kScheduleThreads experts: a block-wide exclusive scan each, plus the carry.
+  __shared__ int64_t warp_totals[kScheduleThreads / 32];
+  // Rounds of kScheduleThreads experts: a block-wide exclusive scan each, plus the tiles of
+  // the rounds before (every thread gets the round's total from the scan).
+  int64_t before = 0;
   for (int base = 0; base <= num_experts; base += kScheduleThreads) {
     const int e = base + threadIdx.x;
-    const int32_t tiles = e < num_experts ? static_cast<int32_t>((rows.of(e).count + tile_m - 1) / tile_m) : 0;
-    const int32_t exclusive = block_exclusive_scan<kScheduleThreads>(tiles, warp_totals);
-    __syncthreads();  // carry of the previous round is final (written after its scan)
-    const int32_t before = carry;
-    if (e <= num_experts) tile_start[e] = before + exclusive;
-    __syncthreads();  // everyone read carry
-    if (threadIdx.x == kScheduleThreads - 1) carry = before + exclusive + tiles;
+    const int64_t tiles = e < num_experts ? (rows.of(e).count + tile_m - 1) / tile_m : 0;
+    int64_t round_tiles;
+    const int64_t exclusive = block_exclusive_scan<kScheduleThreads>(tiles, warp_totals, &round_tiles);
+    if (e <= num_experts) tile_start[e] = static_cast<int32_t>(before + exclusive);
+    before += round_tiles;
   }
 }
 
@@ -82,10 +80,10 @@ __device__ __forceinline__ int64_t weight_row(int n_local, int64_t n_tile, int64
 }
 
 template <typename T, class Tr, bool W_KN>
-__global__ void __launch_bounds__(Tr::THREADS) grouped_gemm_kernel(GroupedGemmParams p) {
+__global__ void __launch_bounds__(Tr::THREADS, Tr::MIN_BLOCKS) grouped_gemm_kernel(GroupedGemmParams p) {
   T* smem = dynamic_smem<T>();
   const int32_t* tile_start = static_cast<const int32_t*>(p.workspace);
-  const ExpertRows rows{p.offsets, p.counts, p.counts_int64, p.rows_per_expert, p.m};
+  const ExpertRows rows{p.rows};
   const T* x = static_cast<const T*>(p.x);
   const T* w = static_cast<const T*>(p.w);
   const int E = p.num_experts;
@@ -257,7 +255,7 @@ void launch_tile(const GroupedGemmParams& p, GemmConfig& config, cudaStream_t st
   const int64_t n_out = gated ? p.n / 2 : p.n;
   const int out_per_tile = gated ? Tr::BN / 2 : Tr::BN;
   const int64_t n_tiles = (n_out + out_per_tile - 1) / out_per_tile;
-  config.grid = persistent_grid(p.num_sms, max_tiles(config, p.m, n_tiles, p.num_experts));
+  config.grid = persistent_grid(p.num_sms, max_tiles(config, p.rows.m, n_tiles, p.num_experts));
   constexpr size_t smem = Tr::template smem_bytes<false, W_KN>();
   LaunchConfig cfg{dim3(config.grid), dim3(Tr::THREADS), smem, stream};
   launch_kernel("grouped_gemm_kernel", grouped_gemm_kernel<T, Tr, W_KN>, cfg, p);
@@ -311,11 +309,11 @@ GemmConfig launch_grouped_gemm(const GroupedGemmParams& params, cudaStream_t str
     if (p.num_sms == 0) p.num_sms = device.num_sms;
   }
   GemmConfig config = p.forced_tile >= 0 ? gemm::tile_config(static_cast<GemmTile>(p.forced_tile))
-                                         : gemm::choose(p.arch, p.num_sms, p.m, p.n, p.k, p.num_experts,
-                                                        p.offsets == nullptr, p.rows_per_expert,
+                                         : gemm::choose(p.arch, p.num_sms, p.rows.m, p.n, p.k, p.num_experts,
+                                                        p.rows.offsets == nullptr, p.rows.rows_per_expert,
                                                         p.activation, p.w_kn);
-  if (p.m == 0) return config;
-  const gemm::ExpertRows rows{p.offsets, p.counts, p.counts_int64, p.rows_per_expert, p.m};
+  if (p.rows.m == 0) return config;
+  const gemm::ExpertRows rows{p.rows};
   LaunchConfig schedule{dim3(1), dim3(gemm::kScheduleThreads), 0, stream};
   launch_kernel("grouped_gemm_schedule_kernel", gemm::grouped_gemm_schedule_kernel, schedule, rows,
                 p.num_experts, config.tile_m, static_cast<int32_t*>(p.workspace));

@@ -20,12 +20,12 @@
 namespace moe {
 namespace gemm {
 
-using WgradTile = TileTraits<64, 64, 32, 2, 2, 4>;
+using WgradTile = TileTraits<64, 64, 32, 2, 2, 4, 4>;
 
 template <typename T, class Tr>
-__global__ void __launch_bounds__(Tr::THREADS) grouped_gemm_wgrad_kernel(GroupedGemmWgradParams p) {
+__global__ void __launch_bounds__(Tr::THREADS, Tr::MIN_BLOCKS) grouped_gemm_wgrad_kernel(GroupedGemmWgradParams p) {
   T* smem = dynamic_smem<T>();
-  const ExpertRows rows{p.offsets, p.counts, p.counts_int64, p.rows_per_expert, p.m};
+  const ExpertRows rows{p.rows};
   const T* pm = static_cast<const T*>(p.p);
   const T* qm = static_cast<const T*>(p.q);
   const int64_t p_tiles = (p.p_cols + Tr::BM - 1) / Tr::BM;
@@ -162,7 +162,7 @@ __global__ void __launch_bounds__(kRowThreads) gemm_activation_backward_kernel(G
 
 template <typename T>
 __global__ void __launch_bounds__(kRowThreads) grouped_column_sum_kernel(GroupedColumnSumParams p) {
-  const ExpertRows rows{p.offsets, p.counts, p.counts_int64, p.rows_per_expert, p.m};
+  const ExpertRows rows{p.rows};
   const T* in = static_cast<const T*>(p.in);
   const int e = blockIdx.y;
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kRowThreads + threadIdx.x;
@@ -187,10 +187,11 @@ __global__ void __launch_bounds__(kRowThreads) segment_row_sum_kernel(SegmentRow
   }
 }
 
-// Blocks of a grid-stride loop over `items`: capped so a huge input does not launch more
-// blocks than the device can keep busy.
+// Blocks of a grid-stride loop over `items` rows: at most 8 per multiprocessor (a full
+// device of 256-thread blocks); more rows are looped over.
 inline unsigned row_grid(int64_t items) {
-  return static_cast<unsigned>(items < 65535 ? (items > 0 ? items : 1) : 65535);
+  const int64_t cap = int64_t{8} * current_device_properties().num_sms;
+  return static_cast<unsigned>(items < cap ? (items > 0 ? items : 1) : cap);
 }
 
 }  // namespace gemm

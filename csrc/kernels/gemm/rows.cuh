@@ -4,6 +4,7 @@
 
 #include "../common/memory.cuh"
 #include "../common/reduce.cuh"
+#include "gemm.h"
 
 #include <type_traits>
 
@@ -24,13 +25,7 @@ __device__ __forceinline__ int64_t read_index(const void* base, bool is_int64, i
 // stay inside the tensors: offsets into [0, m] and non-decreasing from offsets[e],
 // counts into [0, S]. (Python checks them on the CPU; on a GPU reading them would be a
 // host sync.)
-struct ExpertRows {
-  const int64_t* offsets;  // [E + 1], contiguous layout; null for masked
-  const void* counts;      // [E], masked layout
-  bool counts_int64;
-  int64_t rows_per_expert; // S, masked layout
-  int64_t m;               // rows of y
-
+struct ExpertRows : ExpertRowLayout {
   __device__ __forceinline__ RowRange of(int e) const {
     if (offsets != nullptr) {
       const int64_t begin = clamp(offsets[e], 0, m);
@@ -72,27 +67,6 @@ __device__ __forceinline__ int find_tile_expert(const int32_t* tile_start, int n
     if (tile_start[mid] <= tile) lo = mid; else hi = mid - 1;
   }
   return lo;
-}
-
-// Exclusive prefix sum over the block's THREADS threads (every thread calls it; it holds
-// barriers). `warp_totals` is shared scratch of THREADS / 32 entries, free to reuse once
-// the call returns and a barrier follows.
-template <int THREADS>
-__device__ __forceinline__ int32_t block_exclusive_scan(int32_t value, int32_t* warp_totals) {
-  constexpr int WARPS = THREADS / 32;
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  int32_t inclusive = value;
-#pragma unroll
-  for (int d = 1; d < 32; d *= 2) {
-    const int32_t other = __shfl_up_sync(kFullMask, inclusive, d);
-    if (lane >= d) inclusive += other;
-  }
-  if (lane == 31) warp_totals[warp] = inclusive;
-  __syncthreads();
-  int32_t before = 0;
-  for (int w = 0; w < warp; ++w) before += warp_totals[w];
-  static_assert(WARPS <= 32, "one block of at most 1024 threads");
-  return before + inclusive - value;
 }
 
 // Two values stored as one access of twice the element size (dst is aligned to it: an even

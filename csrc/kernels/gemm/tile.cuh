@@ -26,9 +26,14 @@
 namespace moe {
 namespace gemm {
 
-template <int BM_, int BN_, int BK_, int WM_, int WN_, int STAGES_>
+// MIN_BLOCKS_: blocks per multiprocessor the register allocation must allow
+// (__launch_bounds__). 128x128 keeps 1: its 64 accumulators per thread need ~170 registers,
+// and capping it at 128 (2 blocks) spills; an 8-warp block with 3 stages in flight is how
+// such tiles run anyway. The 4-warp tiles ask for 3 or 4 blocks (12 to 16 warps).
+template <int BM_, int BN_, int BK_, int WM_, int WN_, int STAGES_, int MIN_BLOCKS_>
 struct TileTraits {
   static constexpr int BM = BM_, BN = BN_, BK = BK_, WM = WM_, WN = WN_, STAGES = STAGES_;
+  static constexpr int MIN_BLOCKS = MIN_BLOCKS_;
   static constexpr int WARPS = WM * WN;
   static constexpr int THREADS = WARPS * 32;
   static constexpr int WTM = BM / WM;  // warp tile

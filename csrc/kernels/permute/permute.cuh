@@ -111,34 +111,6 @@ __device__ __forceinline__ uint32_t weight_key(float x) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-// Exclusive prefix sum over the BLOCK threads of a block (every thread must call it);
-// `total` receives the sum over the block. `warp_totals` holds BLOCK / 32 entries.
-template <int BLOCK>
-__device__ __forceinline__ int64_t block_exclusive_scan(int64_t value, int64_t* warp_totals,
-                                                        int64_t* total) {
-  const int lane = threadIdx.x % 32;
-  const int warp = threadIdx.x / 32;
-  int64_t inclusive = value;
-#pragma unroll
-  for (int offset = 1; offset < 32; offset *= 2) {
-    const int64_t up = __shfl_up_sync(kFullMask, inclusive, offset);
-    if (lane >= offset) inclusive += up;
-  }
-  if (lane == 31) warp_totals[warp] = inclusive;
-  __syncthreads();
-  int64_t before = 0;
-  int64_t all = 0;
-#pragma unroll
-  for (int w = 0; w < BLOCK / 32; ++w) {
-    const int64_t t = warp_totals[w];
-    before += w < warp ? t : 0;
-    all += t;
-  }
-  __syncthreads();  // warp_totals is reused by the next scan
-  *total = all;
-  return before + inclusive - value;
-}
-
 // 16-byte row chunks moved as raw bits (a permutation never converts).
 template <typename T>
 union Chunk16 {

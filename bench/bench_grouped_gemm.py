@@ -1,0 +1,446 @@
+"""Grouped expert GEMM (both GEMMs of an MoE layer) vs per-expert torch.mm and torch._grouped_mm.
+
+    python bench/bench_grouped_gemm.py [--quick] [--out DIR]
+
+For each preset's expert shapes (GEMM_PRESETS) at T in {1, 16, 256, 4096, 16384} tokens,
+routed by a seeded random top-k and laid out by ``permute_plan`` (align 1, no capacity:
+M = T*k rows):
+
+- gemm1: ``x [T, H]`` read in place through the plan's gather, times ``w13 [E, 2I, H]``,
+  activation silu_and_mul (GPT-OSS: swiglu_oai + bias): N = 2I, K = H, y ``[M, I]``;
+- gemm2: ``h [M, I]`` times ``w2 [E, H, I]``, scaled by the routing weights (row_scale;
+  GPT-OSS: + bias): N = H, K = I, y ``[M, H]``;
+
+each forward ("fwd") and forward + backward ("fwd+bwd": d input, d weights, d bias,
+d row_scale; 3x the forward's FLOPs).
+
+On a GPU: the cuda backend against two baselines in the same run, "torch.mm-loop" (one
+torch.mm per expert with rows, epilogue in PyTorch; the host reads the offsets, which is
+that baseline's cost) and "torch._grouped_mm" (where this torch and GPU run it: sm_90+,
+bf16; left out with a note otherwise), timed by the harness (CUDA events, L2 flush,
+median, NVTX ranges op/case/backend). TFLOP/s count 2*M*N*K per forward (x3 with the
+backward). The decode forwards (T = 1 and 16, and any other that gemm_config gives the
+decode tile) also get the weight bandwidth, active experts * N * K * 2 bytes over the
+forward's time, and its fraction of the device's HBM peak (harness.DEVICE_PEAKS).
+``--backends reference`` adds the fp32 PyTorch reference (left out by default: it is the
+tests' oracle, not a baseline).
+
+On a CPU: no GPU figures. The simt backend (the CUDA kernels in the emulator) runs each
+case once, with the traffic counters on, on shapes scaled down (H and I divided by each
+preset's cpu_div; E capped at 16 with --quick; T capped at 64: at these sizes every case
+gets the decode tile). The table gives bytes read and written (32-byte sectors), the
+amplification over the minimum, the wall time of the counted call and, for the decode
+forwards, the weight-read ratio (bytes read - activation reads) / (active experts * N *
+K * 2): 1.0 when each active expert's weights are read once and no other expert's are
+(the activation rows are re-read once per n-tile and subtracted exactly, as in
+tests/test_gemm.py; offsets, gather, bias and row_scale reads count as weight traffic).
+``--backends simt,reference`` also times the reference by wall clock.
+
+Every row of the JSON records ``gemm_config(...)`` of its problem (the tile configuration
+the cuda kernel, or the emulated one on the CPU, launches).
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import harness
+import moe_kernels
+from moe_kernels import emulator
+from moe_kernels.reference.gemm import epilogue as reference_epilogue
+
+# Expert shapes (E experts, hidden H, expert intermediate I, top-k). cpu_div divides H and I
+# for the emulator so that each CPU case runs in about a second; they are rounded to multiples
+# of 64, as every preset's own H and I are (K then has no partial k-tile, as on the GPU).
+GEMM_PRESETS = {
+    "mixtral-8x7b": dict(experts=8, hidden=4096, inter=14336, k=2, cpu_div=32),
+    "qwen3-30b-a3b": dict(experts=128, hidden=2048, inter=768, k=8, cpu_div=16),
+    "qwen3-next": dict(experts=512, hidden=2048, inter=512, k=10, cpu_div=16),
+    # DeepSeek-V3's experts on one rank of 8-way expert parallelism (256 / 8 local experts).
+    "deepseek-v3-ep8": dict(experts=32, hidden=7168, inter=2048, k=8, cpu_div=32),
+    "gpt-oss-120b": dict(experts=128, hidden=2880, inter=2880, k=4, cpu_div=24,
+                         activation="swiglu_oai", bias=True),
+}
+QUICK_PRESETS = ("mixtral-8x7b", "gpt-oss-120b")
+TOKENS = (1, 16, 256, 4096, 16384)
+QUICK_TOKENS = (1, 16)
+DECODE_TOKENS = (1, 16)
+CPU_MAX_TOKENS = 64
+CPU_QUICK_MAX_EXPERTS = 16
+EMULATED_SMS = 4  # csrc/simt/simt.h kEmulatedMultiprocessors: what the simt launches see
+MM_LOOP, GROUPED_MM = "torch.mm-loop", "torch._grouped_mm"
+BASELINES = (MM_LOOP, GROUPED_MM)
+
+
+def round64(value):
+    return max(64, int(round(value / 64)) * 64)
+
+
+def problem_shape(name, gpu, quick):
+    """(E, H, I, k) of a preset: its own on a GPU, scaled down for the emulator on a CPU."""
+    p = GEMM_PRESETS[name]
+    experts, hidden, inter, k = p["experts"], p["hidden"], p["inter"], p["k"]
+    if not gpu:
+        hidden, inter = round64(hidden / p["cpu_div"]), round64(inter / p["cpu_div"])
+        if quick:
+            experts = min(experts, CPU_QUICK_MAX_EXPERTS)
+            k = min(k, experts)
+    return experts, hidden, inter, k
+
+
+def token_counts(gpu, quick):
+    tokens = QUICK_TOKENS if quick else TOKENS
+    return tokens if gpu else tuple(dict.fromkeys(min(t, CPU_MAX_TOKENS) for t in tokens))
+
+
+def routing(tokens, experts, k, device, seed):
+    """Seeded random top-k: ids [T, k] and their softmax weights (fp32)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    logits = torch.randn(tokens, experts, generator=g, device=device)
+    values, ids = torch.topk(logits, k, dim=1)
+    return ids, torch.softmax(values, dim=1)
+
+
+def randn(shape, device, scale, g):
+    return (torch.randn(shape, generator=g, device=device) * scale).to(torch.bfloat16)
+
+
+def config_of(m, n, k, experts, activation, gpu):
+    """gemm_config of a problem as the running backend launches it: the current GPU, or the
+    emulator (MOE_KERNELS_SIMT_ARCH, default 90, and its multiprocessors)."""
+    if gpu:
+        return moe_kernels.gemm_config(m, n, k, experts, w_layout="nk", activation=activation)
+    arch = int(os.environ.get("MOE_KERNELS_SIMT_ARCH") or 90)
+    return moe_kernels.gemm_config(m, n, k, experts, w_layout="nk", activation=activation,
+                                   arch=arch, num_sms=EMULATED_SMS)
+
+
+# --- the calls ------------------------------------------------------------------------------
+
+def kernel_call(x, w, offsets, gather, bias, activation, row_scale):
+    return lambda: moe_kernels.grouped_gemm(x, w, offsets, gather=gather, bias=bias,
+                                            activation=activation, row_scale=row_scale)
+
+
+def mm_loop_call(x, w, offsets, gather, bias, activation, row_scale):
+    """One torch.mm per expert with rows, bf16, the epilogue in PyTorch. The host reads the
+    offsets (a sync on a GPU): that is this baseline's cost."""
+    def call():
+        rows = x.index_select(0, gather) if gather is not None else x
+        bounds = offsets.tolist()
+        outs = []
+        for e in range(w.shape[0]):
+            begin, end = bounds[e], bounds[e + 1]
+            if end == begin:
+                continue
+            h = torch.mm(rows[begin:end], w[e].t())
+            if bias is not None:
+                h = h + bias[e]
+            h = torch_epilogue(h, activation)
+            if row_scale is not None:
+                h = h * row_scale[begin:end, None]
+            outs.append(h)
+        return torch.cat(outs)
+    return call
+
+
+def grouped_mm_call(x, w, offsets, gather, bias, activation, row_scale):
+    """torch._grouped_mm on [M, K] x [E, K, N] (w read in place, transposed view) with the
+    int32 cumulative row ends; bias, activation and row scale in PyTorch."""
+    offs = offsets[1:].to(torch.int32)
+    w_kn = w.transpose(1, 2)
+    expert_of_row = None
+    if bias is not None:  # routing metadata, built once outside the timed call
+        m = gather.shape[0] if gather is not None else x.shape[0]
+        expert_of_row = torch.searchsorted(offsets[1:], torch.arange(m, device=x.device), right=True)
+
+    def call():
+        rows = x.index_select(0, gather) if gather is not None else x
+        h = torch._grouped_mm(rows, w_kn, offs=offs)
+        if bias is not None:
+            h = h + bias.index_select(0, expert_of_row)
+        h = torch_epilogue(h, activation)
+        if row_scale is not None:
+            h = h * row_scale[:, None]
+        return h
+    return call
+
+
+def torch_epilogue(h, activation):
+    if activation == "silu_and_mul":
+        half = h.shape[-1] // 2
+        return F.silu(h[..., :half]) * h[..., half:]
+    return reference_epilogue(h, activation, 1.702, 7.0).to(h.dtype)
+
+
+def forward_only(make, inputs):
+    fn = make(**inputs)
+
+    def call():
+        with torch.no_grad():
+            return fn()
+    return call
+
+
+def forward_backward(make, inputs, grad_names, grad_y):
+    """y = f(inputs), then the gradients of every differentiable input (one backward)."""
+    inputs = {name: (t.detach().requires_grad_(True) if name in grad_names and t is not None else t)
+              for name, t in inputs.items()}
+    fn = make(**inputs)
+    wrt = [inputs[name] for name in grad_names if inputs[name] is not None]
+    return lambda: torch.autograd.grad(fn(), wrt, grad_y)
+
+
+# --- cases ----------------------------------------------------------------------------------
+
+def preset_cases(name, args, gpu, pairs):
+    """Yields (Case, extra) for one preset: extra holds what goes into the JSON row beyond
+    the harness's fields. Tensors are built here, per preset, and freed with its cases."""
+    p = GEMM_PRESETS[name]
+    experts, hidden, inter, k = problem_shape(name, gpu, args.quick)
+    device = "cuda" if gpu else "cpu"
+    activation = p.get("activation", "silu_and_mul")
+    g = torch.Generator(device=device).manual_seed(1)
+    w13 = randn((experts, 2 * inter, hidden), device, hidden ** -0.5, g)
+    w2 = randn((experts, hidden, inter), device, inter ** -0.5, g)
+    b13 = randn((experts, 2 * inter), device, 0.1, g) if p.get("bias") else None
+    b2 = randn((experts, hidden), device, 0.1, g) if p.get("bias") else None
+    for tokens in token_counts(gpu, args.quick):
+        ids, weights = routing(tokens, experts, k, device, seed=tokens)
+        with moe_kernels.use_backend("reference"):  # setup only: the same layout everywhere
+            plan = moe_kernels.permute_plan(ids, experts, weights=weights)
+        m = tokens * k
+        offsets, gather = plan.offsets, plan.gather
+        row_scale = plan.weights.detach()
+        active = int((offsets[1:] > offsets[:-1]).sum())  # setup only, outside the timed calls
+        x = randn((tokens, hidden), device, 1.0, g)
+        h = randn((m, inter), device, 1.0, g)
+        label = f"{name} T={tokens}" + ("" if gpu else f" [E={experts} H={hidden} I={inter}]")
+        gemms = (
+            ("gemm1", dict(x=x, w=w13, offsets=offsets, gather=gather, bias=b13, activation=activation,
+                           row_scale=None), ("x", "w", "bias"), (m, inter)),
+            ("gemm2", dict(x=h, w=w2, offsets=offsets, gather=None, bias=b2, activation=None,
+                           row_scale=row_scale), ("x", "w", "bias", "row_scale"), (m, hidden)),
+        )
+        for gemm, inputs, grad_names, y_shape in gemms:
+            n, kk = inputs["w"].shape[1], inputs["w"].shape[2]
+            act = inputs["activation"]
+            config = config_of(m, n, kk, experts, act, gpu)
+            grad_y = randn(y_shape, device, 1.0, g)
+            shape = dict(T=tokens, E=experts, k=k, M=m, N=n, K=kk, H=hidden, I=inter, activation=act,
+                         bias=inputs["bias"] is not None, row_scale=inputs["row_scale"] is not None,
+                         scaled_for_cpu=not gpu)
+            for direction in ("fwd", "fwd+bwd"):
+                backward = direction == "fwd+bwd"
+                extra = dict(gemm_config=config._asdict(), active_experts=active,
+                             weight_bytes=active * n * kk * 2,
+                             decode=tokens in DECODE_TOKENS or config.variant == "decode",
+                             n_out=n // 2 if act else n, tile_n=config.tile_n, gated=act is not None,
+                             backward=backward, x_bytes=m * kk * 2)
+                for backend in [b for b, _ in pairs] + (list(BASELINES) if gpu else []):
+                    if args.backends and backend not in args.backends.split(","):
+                        continue
+                    make = {MM_LOOP: mm_loop_call, GROUPED_MM: grouped_mm_call}.get(backend, kernel_call)
+                    fn = (forward_backward(make, inputs, grad_names, grad_y) if backward
+                          else forward_only(make, inputs))
+                    yield harness.Case(op=f"{gemm} {direction}", label=label, shape=shape, backend=backend,
+                                       fn=fn, flops=2 * m * n * kk * (3 if backward else 1) if gpu else None), extra
+
+
+# --- measuring ------------------------------------------------------------------------------
+
+def time_baseline(case, args, flush):
+    """harness.time_case for a call outside moe_kernels (no backend to select): the same
+    warm-up, L2 flush, CUDA events and NVTX range op/case/backend."""
+    times = []
+    for _ in range(args.warmup):
+        case.fn()
+    for _ in range(args.iters):
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with harness.nvtx_range(f"{case.op}/{case.label}/{case.backend}"):
+            start.record()
+            case.fn()
+            end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return times
+
+
+def baseline_runs(case):
+    """Whether a baseline runs on this GPU/torch (torch._grouped_mm needs sm_90+ or a recent
+    fallback); prints why not once per reason."""
+    try:
+        case.fn()
+        torch.cuda.synchronize()
+        return True
+    except Exception as exc:  # noqa: BLE001 (any failure: the baseline is left out)
+        reason = f"{case.backend} left out: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+        if reason not in _skipped:
+            _skipped.append(reason)
+            print(reason, file=sys.stderr)
+        return False
+
+
+_skipped = []
+
+
+def count_traffic(case):
+    """One emulated call with the traffic counters on: the per-launch rows and the wall time."""
+    import time
+
+    with moe_kernels.use_backend(case.backend), harness.nvtx_range(f"{case.op}/{case.label}/{case.backend}"):
+        with emulator.traffic() as launches:
+            t0 = time.perf_counter()
+            case.fn()
+            wall_us = (time.perf_counter() - t0) * 1e6
+    return launches, wall_us
+
+
+def has_observer():
+    """Whether this _simt build counts traffic (the AddressSanitizer build has no memory
+    observer: then the simt cases are only timed, by wall clock)."""
+    try:
+        from moe_kernels import _build_info
+    except ImportError:
+        return True
+    if getattr(_build_info, "simt_observer", True):
+        return True
+    note = "simt traffic counters left out: this _simt build has no memory observer"
+    if note not in _skipped:
+        _skipped.append(note)
+        print(note, file=sys.stderr)
+    return False
+
+
+def traffic_fields(launches, extra):
+    read = sum(r["sectors_read"] for r in launches) * emulator.SECTOR_BYTES
+    written = sum(r["sectors_written"] for r in launches) * emulator.SECTOR_BYTES
+    minimum = sum(r["min_bytes"] for r in launches)
+    fields = dict(launches=len(launches), bytes_read=read, bytes_written=written, moved_bytes=read + written,
+                  min_bytes=minimum, amplification=(read + written) / minimum if minimum else None,
+                  weight_read_ratio=None,
+                  kernels=[dict(kernel=r["kernel"], grid=r["grid"], moved_bytes=r["moved_bytes"],
+                                min_bytes=r["min_bytes"]) for r in launches])
+    if extra["decode"] and not extra["backward"] and extra["weight_bytes"]:
+        # The activation rows are read once per n-tile (gated: tile_n / 2 outputs per tile).
+        per_tile = extra["tile_n"] // 2 if extra["gated"] else extra["tile_n"]
+        n_tiles = -(-extra["n_out"] // per_tile)
+        fields["weight_read_ratio"] = (read - n_tiles * extra["x_bytes"]) / extra["weight_bytes"]
+    return fields
+
+
+def fmt(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+def table(header, lines, left=3):
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
+    out = lambda cells: "  ".join(str(c).rjust(w) if i >= left else str(c).ljust(w)  # noqa: E731
+                                  for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([out(header), out(["-" * w for w in widths])] + [out(line) for line in lines])
+
+
+def gpu_table(rows, peaks):
+    """Per problem: the kernel's configuration, decode weight bandwidth, speed-ups."""
+    by_key = {(r["op"], r["label"], r["backend"]): r for r in rows}
+    lines = []
+    for r in rows:
+        if r["backend"] != "cuda":
+            continue
+        speedup = lambda b: (by_key[(r["op"], r["label"], b)]["median_us"] / r["median_us"]  # noqa: E731
+                             if (r["op"], r["label"], b) in by_key and r["median_us"] else None)
+        lines.append((r["op"], r["label"], r["gemm_config"]["name"], str(r["active_experts"]),
+                      fmt(r["weight_gbps"], ".0f"), fmt(r["weight_hbm_fraction"], ".1%"),
+                      fmt(speedup(MM_LOOP), ".2f"), fmt(speedup(GROUPED_MM), ".2f")))
+    hbm = f"{peaks['gbps']} GB/s" if peaks and peaks.get("gbps") else "unknown"
+    return (f"cuda kernel per problem (weight GB/s: decode forwards, HBM peak {hbm}; speed-up = "
+            f"baseline median / cuda median):\n"
+            + table(("op", "case", "config", "active E", "weight GB/s", "of HBM", "vs mm-loop",
+                     "vs grouped_mm"), lines, left=3))
+
+
+def cpu_table(rows):
+    lines = [(r["op"], r["label"], r["gemm_config"]["name"], str(r["traffic"]["launches"]),
+              f"{r['traffic']['bytes_read'] / 1e6:.3f}", f"{r['traffic']['bytes_written'] / 1e6:.3f}",
+              fmt(r["traffic"]["amplification"], ".2f"), fmt(r["traffic"]["weight_read_ratio"], ".3f"),
+              f"{r['median_us'] / 1e3:.0f}")
+             for r in rows if r.get("traffic")]
+    return ("simt emulator traffic counters (one call per case; bytes in 32-byte sectors; weight "
+            "read ratio = (read - activation re-reads) / (active experts * N * K * 2), decode "
+            "forwards):\n" + table(("op", "case", "config", "launches", "read MB", "written MB",
+                                    "moved/min", "weight read ratio", "emulator ms"), lines, left=3))
+
+
+def main():
+    args = harness.parse_args(__doc__.splitlines()[0])
+    gpu = torch.cuda.is_available()
+    peaks = harness.device_peaks()
+    # The kernels (cuda on a GPU, simt on a CPU); the fp32 reference only when --backends
+    # names it (it is the tests' oracle, and its CPU wall-clock says nothing).
+    pairs = [(b, d) for b, d in harness.backends(args)
+             if d == ("cuda" if gpu else "cpu") and (b != "reference" or args.backends)]
+    if gpu and "cuda" not in moe_kernels.available_backends():
+        print("warning: a GPU but no CUDA kernels (moe_kernels built without them): baselines only",
+              file=sys.stderr)
+    flush = torch.empty(harness.L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda") if gpu else None
+    presets = QUICK_PRESETS if args.quick else tuple(GEMM_PRESETS)
+    live = sys.stderr.isatty()
+    rows = []
+    for j, name in enumerate(presets):
+        for i, (case, extra) in enumerate(preset_cases(name, args, gpu, pairs)):
+            line = f"[{j + 1}/{len(presets)} {i + 1}] {case.op} {case.label} on {case.backend} ..."
+            print(f"\r{line:100}" if live else line, end="" if live else "\n", file=sys.stderr, flush=True)
+            row = None
+            if case.backend == "simt" and not has_observer():
+                row = harness.summarize(case, harness.time_case(case, args, flush), peaks)  # wall clock
+            elif case.backend == "simt":
+                launches, wall_us = count_traffic(case)
+                row = harness.summarize(case, [wall_us], peaks)
+                row["traffic"] = traffic_fields(launches, extra)
+            elif case.backend in BASELINES:
+                if baseline_runs(case):
+                    row = harness.summarize(case, time_baseline(case, args, flush), peaks)
+            else:
+                row = harness.summarize(case, harness.time_case(case, args, flush), peaks)
+            if row is None:
+                continue
+            row.update(gemm_config=extra["gemm_config"], active_experts=extra["active_experts"],
+                       weight_bytes=extra["weight_bytes"], weight_gbps=None, weight_hbm_fraction=None)
+            if gpu and extra["decode"] and not extra["backward"] and row["median_us"] > 0:
+                row["weight_gbps"] = extra["weight_bytes"] / (row["median_us"] * 1e-6) / 1e9
+                if peaks and peaks.get("gbps"):
+                    row["weight_hbm_fraction"] = row["weight_gbps"] / peaks["gbps"]
+            rows.append(row)
+        if gpu:
+            torch.cuda.empty_cache()  # this preset's weights are gone
+    if live:
+        print("\r" + " " * 100 + "\r", end="", file=sys.stderr)
+    device = peaks["name"] if gpu else "CPU (simt emulator on scaled-down shapes; no GPU figures)"
+    if gpu:
+        print(f"{args.name} on {device}\n{harness.format_table(rows)}\n\n{gpu_table(rows, peaks)}")
+    else:
+        print(f"{args.name} on {device}")
+        if any(r.get("traffic") for r in rows):
+            print(cpu_table(rows))
+        timed = [r for r in rows if not r.get("traffic")]
+        if timed:
+            print(f"wall-clock on the CPU (no GPU figures):\n{harness.format_table(timed)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = dict(script=args.name, device=device, torch=torch.__version__, quick=args.quick,
+                iters=args.iters, warmup=args.warmup, peaks=peaks, skipped=_skipped,
+                presets={name: GEMM_PRESETS[name] for name in presets},
+                simt_calls_per_case=None if gpu else 1)
+    (out / f"{args.name}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    harness.plot(rows, out / f"{args.name}.png", f"{args.name} on {device if gpu else 'CPU (emulator)'}")
+    print(f"wrote {out / (args.name + '.json')} and .png")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
