@@ -120,9 +120,6 @@ def _check_args(x, w, offsets, counts, gather, w_layout, bias, activation, alpha
     if n % 8 or k % 8 or n == 0 or k == 0:
         raise ValueError(f"w: expected N and K positive multiples of 8 (16-byte rows), got N={n}, K={k} "
                          f"(w_layout={w_layout!r}, shape {tuple(w.shape)})")
-    if activation in GATED_ACTIVATIONS and activation != "swiglu_oai" and w_layout == "kn" and n % 16:
-        raise ValueError(f"w: activation {activation!r} with w_layout='kn' needs N a multiple of 16 "
-                         f"(the up half starts at N/2), got N={n}")
     if (offsets is None) == (counts is None):
         raise ValueError("offsets: expected exactly one of offsets (contiguous layout) and counts "
                          "(masked layout)")
@@ -351,7 +348,7 @@ def grouped_gemm(x, w, offsets=None, *, counts=None, gather=None, w_layout="nk",
     activation : None or str
         None, "relu", "gelu", "gelu_tanh", "silu" (y ``[M, N]``) or gated (y ``[M, N/2]``):
         "silu_and_mul", "gelu_and_mul", "gelu_tanh_and_mul" (gate = first half of N, up =
-        second half; with ``w_layout="kn"`` N must be a multiple of 16), "swiglu_oai"
+        second half), "swiglu_oai"
         (GPT-OSS: gate/up interleaved, ``(clamp(up, -limit, limit) + 1) * g *
         sigmoid(alpha * g)``, ``g = min(gate, limit)``).
     alpha, limit : float

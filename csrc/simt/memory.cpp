@@ -292,9 +292,17 @@ struct TrafficState {
 };
 TrafficState g_traffic;
 
+// Each code address has two instruction streams, its reads and its writes: a cp.async reads
+// global memory and writes shared memory from one code address, and the lanes' n-th reads
+// must meet in one instruction even when a lane's copy is all zero-fill (it reads nothing:
+// traffic_skip_read keeps its read stream in step). Mixing them put global reads into
+// instructions classified as shared, where their sectors went uncounted.
+uint32_t stream_of(uint32_t pc, bool write) { return pc * 2 + (write ? 1 : 0); }
+
 void traffic_record(int thread, Space space, uintptr_t address, size_t bytes, bool write, uint32_t pc) {
-  uint32_t& count = g_traffic.executions[thread][pc];
-  Instruction& ins = g_traffic.instructions[InstructionKey{uint32_t(thread / kWarp), pc, count++}];
+  const uint32_t stream = stream_of(pc, write);
+  uint32_t& count = g_traffic.executions[thread][stream];
+  Instruction& ins = g_traffic.instructions[InstructionKey{uint32_t(thread / kWarp), stream, count++}];
   ins.space = space;
   ins.accesses.push_back(LaneAccess{address, uint32_t(bytes), uint8_t(thread % kWarp), write});
   TrafficRow& row = g_traffic.current;
@@ -492,7 +500,11 @@ void memory_async_land(void* dst, const void* src, size_t src_bytes, size_t cp_b
     const uintptr_t a = reinterpret_cast<uintptr_t>(dst);
     for (size_t i = 0; i < cp_bytes; ++i) g_shared_shadow.cell(a + i)->in_flight = false;
   }
-  if (src_bytes > 0) on_access(src, src_bytes, Access::read, code_address);
+  if (src_bytes > 0) {
+    on_access(src, src_bytes, Access::read, code_address);
+  } else if (v.traffic && current_thread() >= 0) {
+    ++g_traffic.executions[current_thread()][stream_of(code_offset(code_address), false)];  // read nothing, in step
+  }
   on_access(dst, cp_bytes, Access::write, code_address);  // the zero-filled tail is written too
 }
 

@@ -99,10 +99,6 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> grouped_gemm(
   MOE_CHECK_VALUE(n % 8 == 0 && k % 8 == 0 && n > 0 && k > 0, "w",
                   "expected N and K positive multiples of 8, got shape ", w.sizes());
   const Activation activation = activation_of(activation_code);
-  if (activation_splits_halves(activation) && w_kn) {
-    MOE_CHECK_VALUE(n % 16 == 0, "w", "a gated activation on [E, K, N] weights needs N a multiple of 16 "
-                    "(its up half starts at N / 2, copied 16 bytes at a time), got shape ", w.sizes());
-  }
   const bool masked = counts.has_value();
   int64_t m, x_rows, S = 0;
   if (masked) {

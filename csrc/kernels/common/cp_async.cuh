@@ -1,5 +1,5 @@
 // Asynchronous global -> shared copies (Ampere's LDGSTS): cp.async.{ca,cg}.shared.global of
-// 16 bytes (optionally zero-filled past src-size), cp.async.commit_group,
+// 16 bytes and cp.async.ca of 8 (optionally zero-filled past src-size), cp.async.commit_group,
 // cp.async.wait_group N and cp.async.wait_all. One wrapper per PTX instruction; all need
 // sm_80 or newer (every architecture we build for).
 //
@@ -21,7 +21,7 @@
 //    of the 16 destination bytes are zero-filled (src-size 0 reads nothing: predicated
 //    tails keep a valid, aligned source address and pass 0);
 //  - both addresses must be 16-byte aligned; .cg (cache in L2 only) exists only for 16
-//    bytes, .ca (cache at all levels) also for 4 and 8 (not wrapped here).
+//    bytes, .ca (cache at all levels) also for 4 (not wrapped here) and 8.
 //
 // In the emulator (simt::async_copy) a copy lands at the wait that covers its group, never
 // earlier, so code that reads the destination too early reads the old contents there; a
@@ -86,6 +86,20 @@ __device__ __forceinline__ void cp_async_cg_16_zfill(void* smem_dst, const void*
   simt::async_copy(smem_dst, gmem_src, 16, src_size);
 #else
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+               :
+               : "r"(detail::shared_address(smem_dst)), "l"(__cvta_generic_to_global(gmem_src)),
+                 "r"(src_size)
+               : "memory");
+#endif
+}
+
+// cp.async.ca.shared.global [dst], [src], 8, src_size: 8 bytes (both addresses 8-byte
+// aligned; .cg has no 8-byte form), reads src_size (0..8) and zero-fills the rest.
+__device__ __forceinline__ void cp_async_ca_8_zfill(void* smem_dst, const void* gmem_src, int src_size) {
+#if defined(MOE_KERNELS_SIMT)
+  simt::async_copy(smem_dst, gmem_src, 8, src_size);
+#else
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n"
                :
                : "r"(detail::shared_address(smem_dst)), "l"(__cvta_generic_to_global(gmem_src)),
                  "r"(src_size)

@@ -97,6 +97,10 @@ __global__ void __launch_bounds__(Tr::THREADS, Tr::MIN_BLOCKS) grouped_gemm_kern
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int warp_m = warp / Tr::WN, warp_n = warp % Tr::WN;
   const int num_steps = static_cast<int>((p.k + Tr::BK - 1) / Tr::BK);
+  // [E, K, N] weights with gate | up halves: when N / 2 is not a multiple of 8 the up half's
+  // columns start 8 bytes off a 16-byte boundary (and a chunk may straddle N / 2's end), so
+  // its rows are copied 8 bytes at a time.
+  const bool split_up_half = W_KN && halves && p.n % 16 != 0;
   constexpr int CPR_K = Tr::BK / Tr::CHUNK;  // chunks per row of an outer-major tile
   constexpr int CPR_N = Tr::BN / Tr::CHUNK;  // chunks per row of a [BK][BN] tile
   constexpr int A_COPIES = Tr::BM * CPR_K / Tr::THREADS;
@@ -131,6 +135,7 @@ __global__ void __launch_bounds__(Tr::THREADS, Tr::MIN_BLOCKS) grouped_gemm_kern
     }
     const T* b_src[B_COPIES];
     int b_chunk[B_COPIES];
+    bool b_high_valid[B_COPIES];  // [BK][BN] in 8-byte halves: whether the upper half exists
 #pragma unroll
     for (int c = 0; c < B_COPIES; ++c) {
       const int idx = threadIdx.x + c * Tr::THREADS;
@@ -140,6 +145,7 @@ __global__ void __launch_bounds__(Tr::THREADS, Tr::MIN_BLOCKS) grouped_gemm_kern
         b_chunk[c] = idx / CPR_N;  // the tile row (k) it copies
         const int64_t n_col = weight_row<Tr>(col, n_tile, p.n, halves, valid);
         b_src[c] = valid ? w_e + n_col : nullptr;
+        weight_row<Tr>(col + Tr::CHUNK / 2, n_tile, p.n, halves, b_high_valid[c]);
       } else {  // [BN][BK]: a chunk is 8 k of one w row
         b_chunk[c] = idx % CPR_K;
         const int64_t n_row = weight_row<Tr>(idx / CPR_K, n_tile, p.n, halves, valid);
@@ -161,8 +167,14 @@ __global__ void __launch_bounds__(Tr::THREADS, Tr::MIN_BLOCKS) grouped_gemm_kern
         const int idx = threadIdx.x + c * Tr::THREADS;
         if constexpr (W_KN) {
           const int64_t kr = k0 + b_chunk[c];
-          copy_chunk(sb + b_chunk[c] * (Tr::BN + Tr::PAD) + (idx % CPR_N) * Tr::CHUNK,
-                     b_src[c] != nullptr && kr < p.k ? b_src[c] + kr * p.n : nullptr, w);
+          T* dst = sb + b_chunk[c] * (Tr::BN + Tr::PAD) + (idx % CPR_N) * Tr::CHUNK;
+          const T* src = b_src[c] != nullptr && kr < p.k ? b_src[c] + kr * p.n : nullptr;
+          if (split_up_half) {
+            copy_half_chunk(dst, src, w);
+            copy_half_chunk(dst + Tr::CHUNK / 2, src != nullptr && b_high_valid[c] ? src + Tr::CHUNK / 2 : nullptr, w);
+          } else {
+            copy_chunk(dst, src, w);
+          }
         } else {
           const int64_t kc = k0 + b_chunk[c] * Tr::CHUNK;
           copy_chunk(sb + (idx / CPR_K) * (Tr::BK + Tr::PAD) + b_chunk[c] * Tr::CHUNK,

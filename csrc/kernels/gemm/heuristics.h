@@ -52,18 +52,20 @@ inline int64_t max_tiles(const GemmConfig& c, int64_t m, int64_t n_out_per_tile_
 }
 
 // The choice:
-//  - decode (m16n64) when experts average at most 16 rows (masked: S <= 16): one m16 block
-//    covers an expert's rows, so each active expert's weights are read exactly once, and
-//    experts without rows are never touched;
+//  - decode (m16n64) when experts average at most 8 rows (masked: S <= 16, a hard bound):
+//    one m16 block covers an expert's rows, so each active expert's weights are read
+//    exactly once, and experts without rows are never touched. Half the tile, not all of
+//    it: routing is uneven, and an expert past 16 rows would take a second m-tile and read
+//    its weights twice (at 16 rows on average, 1.5-1.8x the weight bytes on random routing);
 //  - else m128n128 when it still gives every multiprocessor a tile (arch-independent today:
 //    its 3 stages need 61 KiB, within every supported arch's opt-in limit), else the
 //    smaller m64n64 (four times the tiles) so small problems spread over the device.
 inline GemmConfig choose(int arch, int num_sms, int64_t m, int64_t n, int64_t k, int num_experts,
                          bool masked, int64_t rows_per_expert, Activation activation, bool w_kn) {
   (void)k;
-  const int64_t avg_rows = masked ? rows_per_expert : (m + num_experts - 1) / std::max(num_experts, 1);
+  const bool decode = masked ? rows_per_expert <= 16 : m <= int64_t{8} * std::max(num_experts, 1);
   GemmTile tile;
-  if (avg_rows <= 16) {
+  if (decode) {
     tile = GemmTile::m16n64;
   } else {
     const GemmConfig big = tile_config(GemmTile::m128n128);

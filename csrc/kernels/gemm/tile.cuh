@@ -80,6 +80,12 @@ __device__ __forceinline__ void copy_chunk(T* dst, const T* src, const T* fallba
   cp_async_cg_16_zfill(dst, src != nullptr ? src : fallback, src != nullptr ? 16 : 0);
 }
 
+// The same for 8 bytes (half a chunk), for rows that are only 8-byte aligned.
+template <typename T>
+__device__ __forceinline__ void copy_half_chunk(T* dst, const T* src, const T* fallback) {
+  cp_async_ca_8_zfill(dst, src != nullptr ? src : fallback, src != nullptr ? 8 : 0);
+}
+
 // The warp's accumulators: MI x NI mma tiles.
 template <class Tr>
 struct Accumulators {
