@@ -64,13 +64,16 @@ def workload():
         # Grouped GEMM, forward and backward: each persistent block runs several tiles (the
         # emulated device has 4 multiprocessors, so 8 blocks), the activation backward several
         # rows per block, and the schedule more than one round of 1024 experts.
+        # 10 and 16 tiles on 8 blocks:
         xg = torch.randn(40, 136, generator=g).to(torch.bfloat16).requires_grad_(True)
-        wg = (torch.randn(3, 136, 136, generator=g) / 8).to(torch.bfloat16).requires_grad_(True)
+        wg = (torch.randn(3, 272, 136, generator=g) / 8).to(torch.bfloat16).requires_grad_(True)
         offsets = torch.tensor([0, 12, 12, 37])
         scale = torch.rand(40, generator=g).requires_grad_(True)
-        yg = moe_kernels.grouped_gemm(xg, wg, offsets, activation="silu_and_mul", row_scale=scale)
+        yg = moe_kernels.grouped_gemm(xg, wg, offsets, activation="silu_and_mul", row_scale=scale,
+                                      config="64x64")
         yg.float().sum().backward()
-        moe_kernels.grouped_gemm(xg.detach()[:6], wg.detach(), torch.tensor([0, 1, 1, 6]), config="16x64")
+        moe_kernels.grouped_gemm(xg.detach()[:6], wg.detach()[:, :256].contiguous().repeat(1, 2, 1),
+                                 torch.tensor([0, 1, 1, 6]), config="16x64")
         many = 1100
         moe_kernels.grouped_gemm(torch.randn(3, 8, generator=g).to(torch.bfloat16),
                                  torch.randn(many, 8, 8, generator=g).to(torch.bfloat16),

@@ -133,20 +133,22 @@ __global__ void __launch_bounds__(Tr::THREADS, Tr::MIN_BLOCKS) grouped_gemm_kern
         if (x_row >= 0 && x_row < p.x_rows) a_src[c] = x + x_row * p.k;
       }
     }
-    const T* b_src[B_COPIES];
-    int b_chunk[B_COPIES];
-    bool b_high_valid[B_COPIES];  // [BK][BN] in 8-byte halves: whether the upper half exists
+    // [BK][BN] tiles: a thread copies the same 8 columns in each of its rows (THREADS is a
+    // multiple of the chunks per row), so one pointer serves all its copies.
+    // [BN][BK] tiles: each copy is its own w row (rows follow the gated-halves arrangement).
+    constexpr int B_POINTERS = W_KN ? 1 : B_COPIES;
+    static_assert(!W_KN || Tr::THREADS % CPR_N == 0, "one column chunk per thread");
+    const T* b_src[B_POINTERS];
+    int b_chunk[B_POINTERS];
 #pragma unroll
-    for (int c = 0; c < B_COPIES; ++c) {
+    for (int c = 0; c < B_POINTERS; ++c) {
       const int idx = threadIdx.x + c * Tr::THREADS;
       bool valid;
-      if constexpr (W_KN) {  // [BK][BN]: a chunk is 8 columns (w rows are k)
-        const int col = (idx % CPR_N) * Tr::CHUNK;
-        b_chunk[c] = idx / CPR_N;  // the tile row (k) it copies
-        const int64_t n_col = weight_row<Tr>(col, n_tile, p.n, halves, valid);
+      if constexpr (W_KN) {
+        const int64_t n_col = weight_row<Tr>((idx % CPR_N) * Tr::CHUNK, n_tile, p.n, halves, valid);
         b_src[c] = valid ? w_e + n_col : nullptr;
-        weight_row<Tr>(col + Tr::CHUNK / 2, n_tile, p.n, halves, b_high_valid[c]);
-      } else {  // [BN][BK]: a chunk is 8 k of one w row
+        b_chunk[c] = idx % CPR_N;
+      } else {  // a chunk is 8 k of one w row
         b_chunk[c] = idx % CPR_K;
         const int64_t n_row = weight_row<Tr>(idx / CPR_K, n_tile, p.n, halves, valid);
         b_src[c] = valid ? w_e + n_row * p.k : nullptr;
@@ -164,18 +166,23 @@ __global__ void __launch_bounds__(Tr::THREADS, Tr::MIN_BLOCKS) grouped_gemm_kern
       }
 #pragma unroll
       for (int c = 0; c < B_COPIES; ++c) {
-        const int idx = threadIdx.x + c * Tr::THREADS;
         if constexpr (W_KN) {
-          const int64_t kr = k0 + b_chunk[c];
-          T* dst = sb + b_chunk[c] * (Tr::BN + Tr::PAD) + (idx % CPR_N) * Tr::CHUNK;
-          const T* src = b_src[c] != nullptr && kr < p.k ? b_src[c] + kr * p.n : nullptr;
+          const int kr_local = threadIdx.x / CPR_N + c * (Tr::THREADS / CPR_N);
+          const int64_t kr = k0 + kr_local;
+          T* dst = sb + kr_local * (Tr::BN + Tr::PAD) + b_chunk[0] * Tr::CHUNK;
+          const T* src = b_src[0] != nullptr && kr < p.k ? b_src[0] + kr * p.n : nullptr;
           if (split_up_half) {
+            // The upper half exists unless the chunk straddles the end of N / 2 (recomputed
+            // here rather than kept in a register for the whole tile).
+            bool high_valid;
+            weight_row<Tr>(b_chunk[0] * Tr::CHUNK + Tr::CHUNK / 2, n_tile, p.n, halves, high_valid);
             copy_half_chunk(dst, src, w);
-            copy_half_chunk(dst + Tr::CHUNK / 2, src != nullptr && b_high_valid[c] ? src + Tr::CHUNK / 2 : nullptr, w);
+            copy_half_chunk(dst + Tr::CHUNK / 2, src != nullptr && high_valid ? src + Tr::CHUNK / 2 : nullptr, w);
           } else {
             copy_chunk(dst, src, w);
           }
         } else {
+          const int idx = threadIdx.x + c * Tr::THREADS;
           const int64_t kc = k0 + b_chunk[c] * Tr::CHUNK;
           copy_chunk(sb + (idx / CPR_K) * (Tr::BK + Tr::PAD) + b_chunk[c] * Tr::CHUNK,
                      b_src[c] != nullptr && kc < p.k ? b_src[c] + kc : nullptr, w);
@@ -188,11 +195,20 @@ __global__ void __launch_bounds__(Tr::THREADS, Tr::MIN_BLOCKS) grouped_gemm_kern
     pipelined_mma<Tr, T, false, W_KN>(acc, smem, num_steps, warp_m, warp_n, load_stage);
 
     // Epilogue. Lane (g, t4) holds rows g and g + 8 of each m16 tile, columns 2 t4 and
-    // 2 t4 + 1 of each n8 tile (mma.cuh).
+    // 2 t4 + 1 of each n8 tile (mma.cuh). The outputs go through shared memory, [BM][BN + 8]
+    // over the (now idle) stages, so that y is written in 16-byte row chunks: straight from
+    // the fragments four lanes would write 16 bytes of a 32-byte sector and another
+    // instruction the other half. The fp32 pre-activation pairs fill whole sectors
+    // (4 lanes x 8 bytes) and are stored directly.
+    constexpr int OUT_STRIDE = Tr::BN + Tr::PAD;
+    static_assert(Tr::BM * OUT_STRIDE <= Tr::template stage_elems<false, W_KN>() * Tr::STAGES,
+                  "the output tile fits in the stages");
+    T* staged = smem;
+    const int64_t out0 = n_tile * out_per_tile;  // first output column of the tile
     const int g = lane / 4, t4 = lane % 4;
-    T* y = static_cast<T*>(p.y);
     float* pre = p.pre_activation;
     const float* bias_e = p.bias != nullptr ? p.bias + static_cast<int64_t>(e) * p.n : nullptr;
+    __syncthreads();  // every warp has finished reading the stages
 #pragma unroll
     for (int i = 0; i < Tr::MI; ++i) {
 #pragma unroll
@@ -201,6 +217,7 @@ __global__ void __launch_bounds__(Tr::THREADS, Tr::MIN_BLOCKS) grouped_gemm_kern
         if (r >= tile_rows) continue;
         const int64_t row = row0 + r;
         const float scale = p.row_scale != nullptr ? p.row_scale[row] : 1.f;
+        T* staged_row = staged + r * OUT_STRIDE;
         // Pre-activation pairs (bias added, pre saved) of this row, per n8 tile.
         float v[Tr::NI][2];
         int64_t col[Tr::NI];
@@ -221,7 +238,7 @@ __global__ void __launch_bounds__(Tr::THREADS, Tr::MIN_BLOCKS) grouped_gemm_kern
 #pragma unroll
           for (int j = 0; j < Tr::NI; ++j) {
             if (valid[j]) {
-              store_pair(y + row * n_out + col[j], activate(p.activation, v[j][0]) * scale,
+              store_pair(staged_row + (col[j] - out0), activate(p.activation, v[j][0]) * scale,
                          activate(p.activation, v[j][1]) * scale);
             }
           }
@@ -229,19 +246,38 @@ __global__ void __launch_bounds__(Tr::THREADS, Tr::MIN_BLOCKS) grouped_gemm_kern
 #pragma unroll
           for (int j = 0; j < Tr::NI; ++j) {
             if (valid[j]) {
-              y[row * n_out + col[j] / 2] = from_float<T>(swiglu_oai(v[j][0], v[j][1], p.alpha, p.limit) * scale);
+              staged_row[col[j] / 2 - out0] = from_float<T>(swiglu_oai(v[j][0], v[j][1], p.alpha, p.limit) * scale);
             }
           }
         } else {  // tile j (gate) pairs with tile j + NI / 2 (up) of the same outputs
 #pragma unroll
           for (int j = 0; j < Tr::NI / 2; ++j) {
             if (valid[j]) {
-              store_pair(y + row * n_out + col[j],
+              store_pair(staged_row + (col[j] - out0),
                          gated_activate(p.activation, v[j][0], v[j + Tr::NI / 2][0]) * scale,
                          gated_activate(p.activation, v[j][1], v[j + Tr::NI / 2][1]) * scale);
             }
           }
         }
+      }
+    }
+    __syncthreads();  // the staged tile is complete
+    // Rows of y are 16-byte aligned when n_out is a multiple of 8; a gated N = 8 mod 16 leaves
+    // n_out = 4 mod 8, and then 8-byte pieces.
+    T* y = static_cast<T*>(p.y);
+    const int64_t out_cols = n_out - out0 < out_per_tile ? n_out - out0 : out_per_tile;
+    if (n_out % 8 == 0) {
+      const int chunks = static_cast<int>(out_cols / 8);
+      for (int idx = threadIdx.x; idx < tile_rows * chunks; idx += Tr::THREADS) {
+        const int r = idx / chunks, c = (idx % chunks) * 8;
+        store_vec16(y + (row0 + r) * n_out + out0 + c, load_vec16(staged + r * OUT_STRIDE + c));
+      }
+    } else {
+      const int pieces = static_cast<int>(out_cols / 4);
+      for (int idx = threadIdx.x; idx < tile_rows * pieces; idx += Tr::THREADS) {
+        const int r = idx / pieces, c = (idx % pieces) * 4;
+        *reinterpret_cast<uint2*>(y + (row0 + r) * n_out + out0 + c) =
+            *reinterpret_cast<const uint2*>(staged + r * OUT_STRIDE + c);
       }
     }
     __syncthreads();  // the next tile's prologue overwrites the stages
