@@ -262,24 +262,10 @@ __global__ void __launch_bounds__(Tr::THREADS, Tr::MIN_BLOCKS) grouped_gemm_kern
       }
     }
     __syncthreads();  // the staged tile is complete
-    // Rows of y are 16-byte aligned when n_out is a multiple of 8; a gated N = 8 mod 16 leaves
-    // n_out = 4 mod 8, and then 8-byte pieces.
-    T* y = static_cast<T*>(p.y);
+    // (A gated N = 8 mod 16 leaves n_out = 4 mod 8: 8-byte pieces then.)
     const int64_t out_cols = n_out - out0 < out_per_tile ? n_out - out0 : out_per_tile;
-    if (n_out % 8 == 0) {
-      const int chunks = static_cast<int>(out_cols / 8);
-      for (int idx = threadIdx.x; idx < tile_rows * chunks; idx += Tr::THREADS) {
-        const int r = idx / chunks, c = (idx % chunks) * 8;
-        store_vec16(y + (row0 + r) * n_out + out0 + c, load_vec16(staged + r * OUT_STRIDE + c));
-      }
-    } else {
-      const int pieces = static_cast<int>(out_cols / 4);
-      for (int idx = threadIdx.x; idx < tile_rows * pieces; idx += Tr::THREADS) {
-        const int r = idx / pieces, c = (idx % pieces) * 4;
-        *reinterpret_cast<uint2*>(y + (row0 + r) * n_out + out0 + c) =
-            *reinterpret_cast<const uint2*>(staged + r * OUT_STRIDE + c);
-      }
-    }
+    store_staged_tile<Tr::THREADS>(staged, OUT_STRIDE, tile_rows, out_cols,
+                                   static_cast<T*>(p.y) + row0 * n_out + out0, n_out);
     __syncthreads();  // the next tile's prologue overwrites the stages
   }
 

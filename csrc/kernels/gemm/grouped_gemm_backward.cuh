@@ -78,23 +78,32 @@ __global__ void __launch_bounds__(Tr::THREADS, Tr::MIN_BLOCKS) grouped_gemm_wgra
     acc.zero();
     pipelined_mma<Tr, T, true, true>(acc, smem, num_steps, warp_m, warp_n, load_stage);
 
-    T* out = static_cast<T*>(p.out) + static_cast<int64_t>(e) * p.p_cols * p.q_cols;
+    // Staged through shared memory over the idle stages (16-byte stores; see tile.cuh).
+    constexpr int OUT_STRIDE = Tr::BN + Tr::PAD;
+    static_assert(Tr::BM * OUT_STRIDE <= Tr::template stage_elems<true, true>() * Tr::STAGES,
+                  "the output tile fits in the stages");
+    T* staged = smem;
     const int g = lane / 4, t4 = lane % 4;
+    __syncthreads();  // every warp has finished reading the stages
 #pragma unroll
     for (int i = 0; i < Tr::MI; ++i) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int64_t row = p0 + warp_m * Tr::WTM + i * 16 + g + 8 * h;
-        if (row >= p.p_cols) continue;
+        const int r = warp_m * Tr::WTM + i * 16 + g + 8 * h;
 #pragma unroll
         for (int j = 0; j < Tr::NI; ++j) {
-          const int64_t col = q0 + warp_n * Tr::WTN + j * 8 + 2 * t4;
-          if (col < p.q_cols) {
-            store_pair(out + row * p.q_cols + col, acc.c[i][j].reg[2 * h], acc.c[i][j].reg[2 * h + 1]);
-          }
+          store_pair(staged + r * OUT_STRIDE + warp_n * Tr::WTN + j * 8 + 2 * t4, acc.c[i][j].reg[2 * h],
+                     acc.c[i][j].reg[2 * h + 1]);
         }
       }
     }
+    __syncthreads();  // the staged tile is complete
+    const int64_t rows_left = p.p_cols - p0, cols_left = p.q_cols - q0;
+    store_staged_tile<Tr::THREADS>(staged, OUT_STRIDE, rows_left < Tr::BM ? static_cast<int>(rows_left) : Tr::BM,
+                                   cols_left < Tr::BN ? cols_left : Tr::BN,
+                                   static_cast<T*>(p.out) + static_cast<int64_t>(e) * p.p_cols * p.q_cols +
+                                       p0 * p.q_cols + q0,
+                                   p.q_cols);
     __syncthreads();  // the next tile's prologue overwrites the stages
   }
 }

@@ -86,6 +86,30 @@ __device__ __forceinline__ void copy_half_chunk(T* dst, const T* src, const T* f
   cp_async_ca_8_zfill(dst, src != nullptr ? src : fallback, src != nullptr ? 8 : 0);
 }
 
+// Copies a tile staged in shared memory (`rows` rows of `cols` elements, row stride
+// `stride`) to global rows of `dst_stride` elements, 16 bytes per thread and instruction so
+// that whole 32-byte sectors are written (the fragments' own layout gives each row 4 lanes
+// x 4 bytes: half a sector per instruction). `dst` rows and `cols` must be multiples of 8
+// elements for 16-byte pieces, else of 4 (8-byte pieces). Every thread of the block calls
+// it, between barriers that order it after the staging writes and before any reuse.
+template <int THREADS, typename T>
+__device__ __forceinline__ void store_staged_tile(const T* staged, int stride, int rows, int64_t cols, T* dst,
+                                                  int64_t dst_stride) {
+  if (cols % 8 == 0 && dst_stride % 8 == 0) {
+    const int chunks = static_cast<int>(cols / 8);
+    for (int idx = threadIdx.x; idx < rows * chunks; idx += THREADS) {
+      const int r = idx / chunks, c = (idx % chunks) * 8;
+      store_vec16(dst + r * dst_stride + c, load_vec16(staged + r * stride + c));
+    }
+  } else {
+    const int pieces = static_cast<int>(cols / 4);
+    for (int idx = threadIdx.x; idx < rows * pieces; idx += THREADS) {
+      const int r = idx / pieces, c = (idx % pieces) * 4;
+      *reinterpret_cast<uint2*>(dst + r * dst_stride + c) = *reinterpret_cast<const uint2*>(staged + r * stride + c);
+    }
+  }
+}
+
 // The warp's accumulators: MI x NI mma tiles.
 template <class Tr>
 struct Accumulators {
