@@ -599,8 +599,15 @@ __global__ void __launch_bounds__(kRowThreads)
   }
 }
 
-// One warp per token; the k dot products one after another.
+// One warp per token. The token's row of `a` is read once for up to kDotGroup of its k
+// dot products (each of its chunks meets the kDotGroup rows of `b` while it is in
+// registers), not once per product: the k products one after another read `a` k times
+// (1.85x the minimum traffic at k = 8). The slots' rows and outputs move as one coalesced
+// instruction per group (lane jj holds slot jj), not one 8-byte read and 4-byte write per
+// slot. Each product still sums its own terms in the same order (chunks ascending, then
+// the warp's butterfly), so the bits are those of one product at a time.
 constexpr int kDotThreads = 128;
+constexpr int kDotGroup = 16;  // products per pass over `a`: k <= 16 reads it once
 
 template <typename T>
 __global__ void __launch_bounds__(kDotThreads) row_dot_kernel(RowDotParams p, bool vector_path) {
@@ -611,26 +618,47 @@ __global__ void __launch_bounds__(kDotThreads) row_dot_kernel(RowDotParams p, bo
   const int64_t H = p.hidden;
   const T* a = static_cast<const T*>(p.a) + t * H;
   const T* b_base = static_cast<const T*>(p.b);
-  for (int j = 0; j < p.k; ++j) {
-    const int64_t r = __ldg(p.row_map + t * p.k + j);
-    const bool valid = r >= 0 && r < p.num_b_rows;
-    float dot = 0.f;
-    if (valid) {
-      const T* b = b_base + r * H;
-      if (vector_path) {
-        for (int64_t c = lane; c < H / V; c += 32) {
-          float va[V], vb[V];
-          load_vec16_as_float(a + c * V, va);
-          load_vec16_as_float(b + c * V, vb);
+  for (int j0 = 0; j0 < p.k; j0 += kDotGroup) {
+    const int group = min(kDotGroup, p.k - j0);
+    // Lane jj < group reads slot j0 + jj's row; the others hold -1 (invalid).
+    const int64_t my_row = lane < group ? __ldg(p.row_map + t * p.k + j0 + lane) : int64_t{-1};
+    int64_t rows[kDotGroup];
+    float dot[kDotGroup];
 #pragma unroll
-          for (int i = 0; i < V; ++i) dot += va[i] * vb[i];
+    for (int jj = 0; jj < kDotGroup; ++jj) {
+      rows[jj] = __shfl_sync(kFullMask, my_row, jj);
+      dot[jj] = 0.f;
+    }
+    if (vector_path) {
+      for (int64_t c = lane; c < H / V; c += 32) {
+        float va[V];
+        load_vec16_as_float(a + c * V, va);
+#pragma unroll
+        for (int jj = 0; jj < kDotGroup; ++jj) {
+          if (rows[jj] < 0 || rows[jj] >= p.num_b_rows) continue;
+          float vb[V];
+          load_vec16_as_float(b_base + rows[jj] * H + c * V, vb);
+#pragma unroll
+          for (int i = 0; i < V; ++i) dot[jj] += va[i] * vb[i];
         }
-      } else {
-        for (int64_t i = lane; i < H; i += 32) dot += to_float(a[i]) * to_float(b[i]);
+      }
+    } else {
+      for (int64_t i = lane; i < H; i += 32) {
+        const float va = to_float(a[i]);
+#pragma unroll
+        for (int jj = 0; jj < kDotGroup; ++jj) {
+          if (rows[jj] < 0 || rows[jj] >= p.num_b_rows) continue;
+          dot[jj] += va * to_float(b_base[rows[jj] * H + i]);
+        }
       }
     }
-    dot = warp_allreduce<32>(dot, SumOp{});
-    if (lane == 0) p.out[t * p.k + j] = dot;
+    float mine = 0.f;
+#pragma unroll
+    for (int jj = 0; jj < kDotGroup; ++jj) {
+      const float d = warp_allreduce<32>(dot[jj], SumOp{});
+      if (lane == jj) mine = d;
+    }
+    if (lane < group) p.out[t * p.k + j0 + lane] = mine;
   }
 }
 
