@@ -12,7 +12,9 @@
 //           going to the same expert find each other with ballots over the expert's bits,
 //           so an assignment's rank inside its expert is exact (token, slot) order.
 //   (with a single tile, count + offsets + place run as one block in one launch: small
-//   batches are latency-bound)
+//   batches are latency-bound; it stages ids, weights, the per-key starts and the list of
+//   assignments grouped by expert in shared memory, so each global byte moves once and
+//   gather / weights_out are written in row order)
 //   select  (capacity with drop_policy "weight") one block per local expert: a radix
 //           select of the capacity-th largest weight (keys kept in registers for up to
 //           1024 assignments, per-warp aggregated histogram, digit found by a block scan),
@@ -153,10 +155,15 @@ __device__ __forceinline__ void count_tile(const PermuteIndexParams& p, int32_t*
   }
 }
 
-// From the per-key totals `counts` (shared memory): offsets, num_rows and list_start.
-// Every thread of a kOffsetsThreads block calls it.
-__device__ __forceinline__ void scan_experts(const PermuteIndexParams& p, const IndexWorkspace& w,
-                                             const int32_t* counts, int64_t* warp_totals) {
+// From the per-key totals `counts` (shared memory): offsets and num_rows; for each local
+// key, on_key(key, list_start, first_row, exists) with the key's start in the list of
+// assignments grouped by key, its segment's first row and whether the segment exists.
+// on_key runs on the thread that read counts[key] in the same round and on no other, so
+// it may overwrite counts[key]. Returns the local assignments (block-uniform). Every
+// thread of a kOffsetsThreads block calls it.
+template <typename OnKey>
+__device__ __forceinline__ int64_t scan_experts(const PermuteIndexParams& p, const int32_t* counts,
+                                                int64_t* warp_totals, OnKey on_key) {
   // All E segments (offsets has E + 1), in rounds of one segment per thread.
   const int E = p.num_experts;
   // With a map, segments 0..L-1 exist, L = map entries in [0, E) (a permutation of 0..L-1
@@ -178,10 +185,11 @@ __device__ __forceinline__ void scan_experts(const PermuteIndexParams& p, const 
     const int key = key_of(s);
     return key >= 0 && key < keys ? counts[key] : 0;
   };
+  auto exists = [&](int s) -> bool {
+    return p.expert_map != nullptr ? s < map_segments : s >= p.expert_begin && s < p.expert_end;
+  };
   auto rows_of = [&](int s) -> int64_t {  // segment size
-    const bool exists = p.expert_map != nullptr ? s < map_segments
-                                                : s >= p.expert_begin && s < p.expert_end;
-    if (!exists) return 0;
+    if (!exists(s)) return 0;
     return dropless ? round_up(count_of(s), p.align) : slot_rows;
   };
   // Rounds of kOffsetsThreads consecutive segments, one per thread, carrying the totals of
@@ -199,7 +207,7 @@ __device__ __forceinline__ void scan_experts(const PermuteIndexParams& p, const 
         count_before + block_exclusive_scan<kOffsetsThreads>(my_count, warp_totals, &round_count);
     if (e < E) {
       p.offsets[e] = row;
-      if (key_of(e) >= 0 && key_of(e) < keys) w.list_start[key_of(e)] = static_cast<int32_t>(listed);
+      if (key_of(e) >= 0 && key_of(e) < keys) on_key(key_of(e), static_cast<int32_t>(listed), row, exists(e));
     }
     rows_before += round_rows;
     count_before += round_count;
@@ -208,6 +216,7 @@ __device__ __forceinline__ void scan_experts(const PermuteIndexParams& p, const 
     p.offsets[E] = rows_before;
     p.num_rows[0] = rows_before;  // the valid prefix of x_perm, padding included: offsets[E]
   }
+  return count_before;
 }
 
 // One warp (lanes 0..31 of the block) places the tile's assignments in order.
@@ -295,7 +304,8 @@ __global__ void __launch_bounds__(kOffsetsThreads)
     w.counts[l] = carry;
   }
   __syncthreads();
-  scan_experts(p, w, counts, warp_totals);
+  scan_experts(p, counts, warp_totals,
+               [&](int key, int32_t list_start, int64_t, bool) { w.list_start[key] = list_start; });
 }
 
 __global__ void __launch_bounds__(32) permute_place_kernel(PermuteIndexParams p, IndexWorkspace w) {
@@ -308,24 +318,132 @@ __global__ void __launch_bounds__(32) permute_place_kernel(PermuteIndexParams p,
   place_tile(p, w, placed, blockIdx.x);
 }
 
-// All of the above in one block, for a single tile (T * k <= kPermuteTile).
+// All of the above in one block, for a single tile (T * k <= kPermuteTile), staged in
+// shared memory so that every global access is coalesced and every byte moves once:
+//   1. each assignment's id is read once (its key kept in shared memory for the place
+//      warp; a second read of ids from global cost as much as the first) and counted;
+//   2. the expert scan writes offsets and keeps, per key, its list start and its first
+//      row in shared memory (the place warp read offsets[s] from global: a 32-byte sector
+//      for each 8-byte value);
+//   3. one warp ranks the assignments in (token, slot) order inside their key and puts
+//      each at its place in the list of assignments grouped by key;
+//   4. the block walks that list, where consecutive entries are consecutive rows of a
+//      segment: gather and the permuted weights (or, for the select kernel, the list) are
+//      written in row order, where writing them in assignment order scattered 8- and
+//      4-byte stores over one sector each;
+//   5. the block writes row_map in assignment order.
+// Rows fit in int32: the adapters refuse outputs of 2^31 rows or more.
+struct OneTileSmem {
+  int32_t* start;       // [L]: counts, then the segment's first row (-1: no segment)
+  int32_t* row;         // [kPermuteTile]: row of each assignment, -1 if dropped
+  float* weight;        // [kPermuteTile]: weights, read once and coalesced
+  int16_t* list_start;  // [L]: start of the key in the list (<= kPermuteTile)
+  int16_t* placed;      // [L]: assignments of the key placed so far
+  int16_t* key;         // [kPermuteTile]: key of each assignment (L: not local)
+  int16_t* list;        // [kPermuteTile]: assignments grouped by key, (token, slot) order
+};
+
+__host__ __device__ inline size_t one_tile_smem_bytes(int num_local) {
+  return static_cast<size_t>(num_local) * (4 + 2 + 2) + static_cast<size_t>(kPermuteTile) * (4 + 4 + 2 + 2);
+}
+
+__device__ __forceinline__ OneTileSmem one_tile_smem(unsigned char* base, int num_local) {
+  OneTileSmem m;
+  m.start = reinterpret_cast<int32_t*>(base);
+  m.row = m.start + num_local;
+  m.weight = reinterpret_cast<float*>(m.row + kPermuteTile);
+  m.list_start = reinterpret_cast<int16_t*>(m.weight + kPermuteTile);
+  m.placed = m.list_start + num_local;
+  m.key = m.placed + num_local;
+  m.list = m.key + kPermuteTile;
+  return m;
+}
+
 __global__ void __launch_bounds__(kOffsetsThreads, 1)
     permute_index_one_tile_kernel(PermuteIndexParams p, IndexWorkspace w) {
-  int32_t* counts = dynamic_smem<int32_t>();  // [num_local]
-  int32_t* placed = counts + num_keys(p);  // [num_local]
   __shared__ int64_t warp_totals[kOffsetsThreads / 32];
   const int num_local = num_keys(p);
+  const OneTileSmem m = one_tile_smem(dynamic_smem<unsigned char>(), num_local);
+  const int n = static_cast<int>(p.num_tokens * p.k);  // <= kPermuteTile
+  const bool select = p.drop_by_weight && p.capacity >= 0;  // the select kernel places rows
+  const bool stage_weights = p.weights_out != nullptr && !select;
   for (int l = threadIdx.x; l < num_local; l += blockDim.x) {
-    counts[l] = 0;
-    placed[l] = 0;  // the only tile starts every expert at rank 0
+    m.start[l] = 0;
+    m.placed[l] = 0;  // the only tile starts every expert at rank 0
   }
   __syncthreads();
-  count_tile(p, counts, 0);
+  for (int a = threadIdx.x; a < n; a += blockDim.x) {
+    // Out-of-range ids are never local: they are dropped, never indexed.
+    const int key = local_key(p, load_id(p, a));
+    m.key[a] = static_cast<int16_t>(key >= 0 ? key : num_local);
+    if (key >= 0) atomicAdd(&m.start[key], 1);
+    if (stage_weights) m.weight[a] = p.weights[a];
+  }
   __syncthreads();
-  for (int l = threadIdx.x; l < num_local; l += blockDim.x) w.counts[l] = counts[l];
-  scan_experts(p, w, counts, warp_totals);
-  __syncthreads();  // offsets and list_start (global) are visible to the block after this
-  if (threadIdx.x < 32) place_tile(p, w, placed, 0);
+  const int listed = static_cast<int>(scan_experts(
+      p, m.start, warp_totals, [&](int key, int32_t list_start, int64_t row, bool exists) {
+        if (select) {  // the select kernel's inputs
+          w.counts[key] = m.start[key];
+          w.list_start[key] = list_start;
+        }
+        m.list_start[key] = static_cast<int16_t>(list_start);
+        m.start[key] = exists ? static_cast<int32_t>(row) : -1;
+      }));
+  __syncthreads();  // list_start and start are visible to the block after this
+
+  if (threadIdx.x < 32) {
+    // One warp places the assignments in order, 32 per round; lanes going to the same key
+    // find each other with ballots over the key's bits (a __match_any_sync), so a rank
+    // inside the key is exact (token, slot) order. Keys 0..num_local fit in `bits` bits.
+    const int lane = threadIdx.x;
+    const int bits = 32 - __clz(num_local);
+    const unsigned lanes_below = (1u << lane) - 1u;
+    for (int first = 0; first < n; first += 32) {
+      const int a = first + lane;
+      const int key = a < n ? m.key[a] : num_local;
+      unsigned peers = kFullMask;
+      for (int bit = 0; bit < bits; ++bit) {
+        const int mine = (key >> bit) & 1;
+        const unsigned ones = __ballot_sync(kFullMask, mine);
+        peers &= mine ? ones : ~ones;
+      }
+      const bool local = key < num_local;
+      const int before = __popc(peers & lanes_below);
+      const int rank = local ? m.placed[key] + before : 0;
+      __syncwarp();  // every lane has read `placed` before the leaders update it
+      if (local && before == 0) m.placed[key] = static_cast<int16_t>(rank + __popc(peers));
+      __syncwarp();
+      if (local) m.list[m.list_start[key] + rank] = static_cast<int16_t>(a);
+    }
+  }
+  __syncthreads();  // the list is complete after this
+
+  for (int i = threadIdx.x; i < listed; i += blockDim.x) {
+    const int a = m.list[i];
+    if (select) {
+      w.sorted[i] = a;  // the select kernel writes this row_map entry
+      continue;
+    }
+    const int key = m.key[a];
+    const int rank = i - m.list_start[key];
+    const int32_t start = m.start[key];  // a key without a segment (unchecked map): dropped
+    int32_t row = -1;
+    if (start >= 0 && (p.capacity < 0 || rank < p.capacity)) row = start + rank;
+    m.row[a] = row;
+    if (row >= 0) {
+      p.gather[row] = a / p.k;
+      if (stage_weights) p.weights_out[row] = m.weight[a];
+    }
+  }
+  __syncthreads();  // every local assignment's row is in shared memory after this
+  for (int a = threadIdx.x; a < n; a += blockDim.x) {
+    const bool local = m.key[a] < num_local;
+    if (!local) {
+      p.row_map[a] = -1;
+    } else if (!select) {
+      p.row_map[a] = m.row[a];
+    }
+  }
 }
 
 // Keys per thread the select kernel keeps in registers: up to kSelectCached *
@@ -725,7 +843,8 @@ void launch_permute_index(const PermuteIndexParams& p, cudaStream_t stream) {
   if (w.num_tiles <= 1) {
     // Also runs with no tokens: offsets and num_rows are still written.
     launch_kernel("permute_index_one_tile_kernel", permute::permute_index_one_tile_kernel,
-                  LaunchConfig{dim3(1), dim3(permute::kOffsetsThreads), 2 * counter_bytes, stream},
+                  LaunchConfig{dim3(1), dim3(permute::kOffsetsThreads),
+                               permute::one_tile_smem_bytes(num_local), stream},
                   p, w);
   } else {
     launch_kernel("permute_count_kernel", permute::permute_count_kernel,
