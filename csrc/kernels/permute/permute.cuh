@@ -17,7 +17,8 @@
 //   batches are latency-bound; it stages ids, weights, the per-key starts and the list of
 //   assignments grouped by expert in shared memory, so each global byte moves once and
 //   gather / weights_out are written in row order)
-//   select  (capacity with drop_policy "weight") one block per local expert: a radix
+//   select  (capacity with drop_policy "weight"; a single tile does it in its one block,
+//           on the list staged in shared memory) one block per local expert: a radix
 //           select of the capacity-th largest weight (keys kept in registers for up to
 //           1024 assignments, per-warp aggregated histogram, digit found by a block scan),
 //           then a block scan that keeps the winners in (token, slot) order.
@@ -451,8 +452,9 @@ __global__ void __launch_bounds__(kOffsetsThreads, 1)
   const int num_local = num_keys(p);
   const OneTileSmem m = one_tile_smem(dynamic_smem<unsigned char>(), num_local);
   const int n = static_cast<int>(p.num_tokens * p.k);  // <= kPermuteTile
-  const bool select = p.drop_by_weight && p.capacity >= 0;  // the select kernel places rows
-  const bool stage_weights = p.weights_out != nullptr && !select;
+  // Capacity with drop by weight: the select runs here too (below), on the staged list.
+  const bool select = p.drop_by_weight && p.capacity >= 0;
+  const bool stage_weights = p.weights_out != nullptr || select;
   for (int l = threadIdx.x; l < num_local; l += blockDim.x) m.start[l] = 0;
   __syncthreads();
   for (int a = threadIdx.x; a < n; a += blockDim.x) {
@@ -465,10 +467,6 @@ __global__ void __launch_bounds__(kOffsetsThreads, 1)
   __syncthreads();
   const int listed = static_cast<int>(scan_experts(
       p, m.start, warp_totals, [&](int key, int32_t list_start, int64_t row, bool exists) {
-        if (select) {  // the select kernel's inputs
-          w.counts[key] = m.start[key];
-          w.list_start[key] = list_start;
-        }
         m.list_start[key] = static_cast<int16_t>(list_start);
         m.placed[key] = static_cast<int16_t>(list_start);  // the only tile: rank 0 first
         m.start[key] = exists ? static_cast<int32_t>(row) : -1;
@@ -480,29 +478,56 @@ __global__ void __launch_bounds__(kOffsetsThreads, 1)
 
   for (int i = threadIdx.x; i < listed; i += blockDim.x) {
     const int a = m.list[i];
-    if (select) {
-      w.sorted[i] = a;  // the select kernel writes this row_map entry
-      continue;
-    }
     const int key = m.key[a];
-    const int rank = i - m.list_start[key];
+    const int key_start = m.list_start[key];
+    const int rank = i - key_start;
     const int32_t start = m.start[key];  // a key without a segment (unchecked map): dropped
     int32_t row = -1;
     if (start >= 0 && (p.capacity < 0 || rank < p.capacity)) row = start + rank;
+    if (select && start >= 0) {
+      // The expert's list is [key_start, end) in (token, slot) order; when it holds more
+      // than capacity, an assignment is kept when fewer than capacity of the list rank
+      // before it by weight (larger weight key, or an equal key earlier in the list: the
+      // select kernel's threshold and ties). Its row then depends on the kept entries
+      // before it in the list: encoded as -2 - i here, resolved after the barrier below.
+      const int end = m.placed[key];  // after the place warp: the key's list end
+      if (end - key_start > p.capacity) {
+        const uint32_t mine = weight_key(m.weight[a]);
+        int64_t above = 0;
+        for (int j = key_start; j < end; ++j) {
+          const uint32_t other = weight_key(m.weight[m.list[j]]);
+          above += other > mine || (other == mine && j < i) ? 1 : 0;
+        }
+        row = above < p.capacity ? -2 - i : -1;
+      }
+    }
     m.row[a] = row;
     if (row >= 0) {
       p.gather[row] = a / p.k;
-      if (stage_weights) p.weights_out[row] = m.weight[a];
+      if (p.weights_out != nullptr) p.weights_out[row] = m.weight[a];
     }
   }
-  __syncthreads();  // every local assignment's row is in shared memory after this
-  for (int a = threadIdx.x; a < n; a += blockDim.x) {
-    const bool local = m.key[a] < num_local;
-    if (!local) {
-      p.row_map[a] = -1;
-    } else if (!select) {
-      p.row_map[a] = m.row[a];
+  __syncthreads();  // every local assignment's row (or kept mark) is in shared memory after this
+  // The row of list entry i kept by weight: the segment's next after the kept before it.
+  auto kept_row = [&](int key, int i) -> int32_t {
+    int32_t kept_before = 0;
+    for (int j = m.list_start[key]; j < i; ++j) kept_before += m.row[m.list[j]] <= -2 ? 1 : 0;
+    return m.start[key] + kept_before;
+  };
+  if (select) {  // gather and weights of the rows kept by weight, in list (row) order
+    for (int i = threadIdx.x; i < listed; i += blockDim.x) {
+      const int a = m.list[i];
+      if (m.row[a] > -2) continue;
+      const int32_t row = kept_row(m.key[a], i);
+      p.gather[row] = a / p.k;
+      if (p.weights_out != nullptr) p.weights_out[row] = m.weight[a];
     }
+  }
+  for (int a = threadIdx.x; a < n; a += blockDim.x) {
+    const int key = m.key[a];
+    int32_t row = key < num_local ? m.row[a] : -1;
+    if (row <= -2) row = kept_row(key, -2 - row);
+    p.row_map[a] = row;
   }
 }
 
@@ -917,7 +942,7 @@ void launch_permute_index(const PermuteIndexParams& p, cudaStream_t stream) {
                                permute::place_smem_bytes(num_local), stream},
                   p, w);
   }
-  if (p.drop_by_weight && p.capacity >= 0) {
+  if (p.drop_by_weight && p.capacity >= 0 && w.num_tiles > 1) {  // one tile: selected above
     launch_kernel("permute_select_kernel", permute::permute_select_kernel,
                   LaunchConfig{dim3(num_local), dim3(permute::kSelectThreads), 0, stream}, p, w);
   }
