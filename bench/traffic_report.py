@@ -27,6 +27,8 @@ from moe_kernels import emulator
 
 QUICK_PRESETS = ("mixtral-8x7b", "deepseek-v3")
 # The model presets plus the largest expert count the kernels take (their widest rows).
+# Assignments (tokens * k) of the multi-tile index case: four tiles of 1024.
+MULTI_TILE_ASSIGNMENTS = 4096
 PRESETS = dict(harness.MODEL_PRESETS, **{"e4096": dict(experts=4096, k=8, scoring="softmax")})
 
 
@@ -63,6 +65,16 @@ def run_preset(name, tokens, hidden):
         count("permute capacity drop=weight",
               lambda: moe_kernels.permute(x, ids, E, capacity=max(1, tokens * k // E),
                                           drop_policy="weight", weights=w))
+        # The multi-tile index path (count, offsets and place kernels: more than one tile
+        # of 1024 assignments), on the ids of a larger batch drawn on the host (topk of
+        # random scores: running the gating kernel on that batch would only add run time).
+        big_tokens = max(tokens, MULTI_TILE_ASSIGNMENTS // k)
+        big_ids = torch.randn(big_tokens, E, generator=g).topk(k, dim=1).indices
+        big_w = torch.rand(big_tokens, k, generator=g)
+        count("permute_plan multi-tile", lambda: moe_kernels.permute_plan(big_ids, E, weights=big_w))
+        count("permute_plan multi-tile capacity drop=weight",
+              lambda: moe_kernels.permute_plan(big_ids, E, capacity=max(1, big_tokens * k // E),
+                                               drop_policy="weight", weights=big_w))
         y_perm = perm.x.detach().requires_grad_(True)
         w_grad = w.clone().requires_grad_(True)
         y = count("unpermute", lambda: moe_kernels.unpermute(y_perm, perm.row_map, w_grad))

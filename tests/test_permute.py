@@ -732,6 +732,30 @@ def test_unpermute_gradients_ignore_skipped_entries(backend):
     assert torch.equal(ws.grad.cpu(), expected_w)
 
 
+@pytest.mark.parametrize("H", [64, 5])  # vector and scalar paths
+def test_unpermute_weight_gradient_beyond_one_group_of_slots(kernel_backend, H):
+    """The weight gradient's kernel reads a token's row once per group of 16 slots: k = 20
+    takes two groups, with dropped slots (-1) in both. Integer-valued inputs make every dot
+    product exact, so the result is compared exactly."""
+    T, k, M = 6, 20, 130
+    g = torch.Generator().manual_seed(11)
+    y_perm = torch.randint(-4, 5, (M, H), generator=g).float()
+    row_map = torch.randperm(T * k, generator=g).view(T, k)
+    row_map[0, 3] = row_map[2, 17] = row_map[4, 0] = row_map[5, 19] = -1
+    grad = torch.randint(-3, 4, (T, H), generator=g).float()
+    w = torch.rand(T, k, generator=g)
+    expected = torch.zeros(T, k)
+    for t in range(T):
+        for j in range(k):
+            r = int(row_map[t, j])
+            if r >= 0:
+                expected[t, j] = (grad[t] * y_perm[r]).sum()
+    dev = device_of(kernel_backend)
+    _, got = native(kernel_backend).unpermute_backward(grad.to(dev), y_perm.to(dev), row_map.to(dev),
+                                                       w.to(dev), False, True)
+    assert torch.equal(got.cpu(), expected)
+
+
 def test_unpermute_of_no_rows_is_differentiable(backend):
     dev = device_of(backend)
     ys = torch.zeros(0, 4, device=dev, requires_grad=True)

@@ -8,12 +8,17 @@
 //   offsets one block: per expert, an exclusive scan of its tile counts (the rank of the
 //           tile's first assignment inside the expert), then a scan over the experts for
 //           the segment starts, offsets and num_rows.
-//   place   one warp per tile walks the tile in order, 32 assignments per round; lanes
-//           going to the same expert find each other with ballots over the expert's bits,
-//           so an assignment's rank inside its expert is exact (token, slot) order.
+//   place   one block per tile: one warp walks the tile in order, 32 assignments per
+//           round; lanes going to the same expert find each other with ballots over the
+//           expert's bits, so an assignment's rank inside its expert is exact (token, slot)
+//           order. The tile is staged in shared memory so that the rows' gather and
+//           weights are written in row order and row_map in assignment order.
 //   (with a single tile, count + offsets + place run as one block in one launch: small
-//   batches are latency-bound)
-//   select  (capacity with drop_policy "weight") one block per local expert: a radix
+//   batches are latency-bound; it stages ids, weights, the per-key starts and the list of
+//   assignments grouped by expert in shared memory, so each global byte moves once and
+//   gather / weights_out are written in row order)
+//   select  (capacity with drop_policy "weight"; a single tile does it in its one block,
+//           on the list staged in shared memory) one block per local expert: a radix
 //           select of the capacity-th largest weight (keys kept in registers for up to
 //           1024 assignments, per-warp aggregated histogram, digit found by a block scan),
 //           then a block scan that keeps the winners in (token, slot) order.
@@ -153,10 +158,15 @@ __device__ __forceinline__ void count_tile(const PermuteIndexParams& p, int32_t*
   }
 }
 
-// From the per-key totals `counts` (shared memory): offsets, num_rows and list_start.
-// Every thread of a kOffsetsThreads block calls it.
-__device__ __forceinline__ void scan_experts(const PermuteIndexParams& p, const IndexWorkspace& w,
-                                             const int32_t* counts, int64_t* warp_totals) {
+// From the per-key totals `counts` (shared memory): offsets and num_rows; for each local
+// key, on_key(key, list_start, first_row, exists) with the key's start in the list of
+// assignments grouped by key, its segment's first row and whether the segment exists.
+// on_key runs on the thread that read counts[key] in the same round and on no other, so
+// it may overwrite counts[key]. Returns the local assignments (block-uniform). Every
+// thread of a kOffsetsThreads block calls it.
+template <typename OnKey>
+__device__ __forceinline__ int64_t scan_experts(const PermuteIndexParams& p, const int32_t* counts,
+                                                int64_t* warp_totals, OnKey on_key) {
   // All E segments (offsets has E + 1), in rounds of one segment per thread.
   const int E = p.num_experts;
   // With a map, segments 0..L-1 exist, L = map entries in [0, E) (a permutation of 0..L-1
@@ -178,10 +188,11 @@ __device__ __forceinline__ void scan_experts(const PermuteIndexParams& p, const 
     const int key = key_of(s);
     return key >= 0 && key < keys ? counts[key] : 0;
   };
+  auto exists = [&](int s) -> bool {
+    return p.expert_map != nullptr ? s < map_segments : s >= p.expert_begin && s < p.expert_end;
+  };
   auto rows_of = [&](int s) -> int64_t {  // segment size
-    const bool exists = p.expert_map != nullptr ? s < map_segments
-                                                : s >= p.expert_begin && s < p.expert_end;
-    if (!exists) return 0;
+    if (!exists(s)) return 0;
     return dropless ? round_up(count_of(s), p.align) : slot_rows;
   };
   // Rounds of kOffsetsThreads consecutive segments, one per thread, carrying the totals of
@@ -199,7 +210,7 @@ __device__ __forceinline__ void scan_experts(const PermuteIndexParams& p, const 
         count_before + block_exclusive_scan<kOffsetsThreads>(my_count, warp_totals, &round_count);
     if (e < E) {
       p.offsets[e] = row;
-      if (key_of(e) >= 0 && key_of(e) < keys) w.list_start[key_of(e)] = static_cast<int32_t>(listed);
+      if (key_of(e) >= 0 && key_of(e) < keys) on_key(key_of(e), static_cast<int32_t>(listed), row, exists(e));
     }
     rows_before += round_rows;
     count_before += round_count;
@@ -208,57 +219,36 @@ __device__ __forceinline__ void scan_experts(const PermuteIndexParams& p, const 
     p.offsets[E] = rows_before;
     p.num_rows[0] = rows_before;  // the valid prefix of x_perm, padding included: offsets[E]
   }
+  return count_before;
 }
 
-// One warp (lanes 0..31 of the block) places the tile's assignments in order.
-// `placed[l]` (shared) starts at the rank of the tile's first assignment to expert l.
-__device__ __forceinline__ void place_tile(const PermuteIndexParams& p, const IndexWorkspace& w,
-                                           int32_t* placed, int tile) {
-  const int num_local = num_keys(p);
+// One warp (lanes 0..31 of the block) puts the tile's n assignments at their places in
+// the list of the tile's assignments grouped by key, 32 per round in (token, slot) order.
+// keys[i]: key of the tile's assignment i (num_local: not local); placed[key] (shared)
+// starts at the key's first list position. Lanes going to the same key find each other
+// with ballots over the key's bits (a __match_any_sync), so the order inside a key is
+// exact (token, slot) order.
+__device__ __forceinline__ void place_warp(const int16_t* keys, int16_t* placed, int16_t* list, int n,
+                                           int num_local) {
   const int lane = threadIdx.x % 32;
-  // Keys 0..num_local (num_local: not local) fit in `bits` bits.
-  const int bits = 32 - __clz(num_local);
-  const int64_t n = p.num_tokens * p.k;
-  const int64_t begin = static_cast<int64_t>(tile) * kPermuteTile;
-  const int64_t end = min(begin + kPermuteTile, n);
+  const int bits = 32 - __clz(num_local);  // keys 0..num_local fit in `bits` bits
   const unsigned lanes_below = (1u << lane) - 1u;
-  for (int64_t first = begin; first < end; first += 32) {
-    const int64_t a = first + lane;
-    const bool in_range = a < end;
-    const int local_index = in_range ? local_key(p, load_id(p, a)) : -1;
-    const bool local = local_index >= 0;
-    const int key = local ? local_index : num_local;
-    // The lanes of this round with the same key (a __match_any_sync built from ballots).
+  for (int first = 0; first < n; first += 32) {
+    const int i = first + lane;
+    const int key = i < n ? keys[i] : num_local;
     unsigned peers = kFullMask;
     for (int bit = 0; bit < bits; ++bit) {
       const int mine = (key >> bit) & 1;
       const unsigned ones = __ballot_sync(kFullMask, mine);
       peers &= mine ? ones : ~ones;
     }
+    const bool local = key < num_local;
     const int before = __popc(peers & lanes_below);
-    const int64_t rank = local ? placed[key] + before : 0;  // rank inside the expert
+    const int position = local ? placed[key] + before : 0;
     __syncwarp();  // every lane has read `placed` before the leaders update it
-    if (local && before == 0) placed[key] += __popc(peers);
+    if (local && before == 0) placed[key] = static_cast<int16_t>(position + __popc(peers));
     __syncwarp();
-    if (!in_range) continue;
-    int64_t row = -1;
-    if (local) {
-      if (p.drop_by_weight && p.capacity >= 0) {
-        w.sorted[w.list_start[key] + rank] = static_cast<int32_t>(a);
-        continue;  // the select kernel writes this row_map entry
-      }
-      // A key without a segment (an unchecked map's index >= L) has size 0: dropped. A
-      // range's keys all have segments (no second offsets read).
-      const int s = segment_of_key(p, key);
-      const int64_t start = p.offsets[s];
-      const bool fits = p.expert_map == nullptr || rank < p.offsets[s + 1] - start;
-      if (fits && (p.capacity < 0 || rank < p.capacity)) row = start + rank;
-    }
-    p.row_map[a] = row;
-    if (row >= 0) {
-      p.gather[row] = a / p.k;
-      if (p.weights_out != nullptr) p.weights_out[row] = p.weights[a];
-    }
+    if (local) list[position] = static_cast<int16_t>(i);
   }
 }
 
@@ -295,37 +285,250 @@ __global__ void __launch_bounds__(kOffsetsThreads)
     w.counts[l] = carry;
   }
   __syncthreads();
-  scan_experts(p, w, counts, warp_totals);
+  scan_experts(p, counts, warp_totals,
+               [&](int key, int32_t list_start, int64_t, bool) { w.list_start[key] = list_start; });
 }
 
-__global__ void __launch_bounds__(32) permute_place_kernel(PermuteIndexParams p, IndexWorkspace w) {
-  int32_t* placed = dynamic_smem<int32_t>();  // [num_local]
+// The place kernel, one block per tile, staged in shared memory like the one-tile kernel
+// (below) so that every global access is coalesced: the tile's ids and weights are read
+// once; per key, in rounds of consecutive keys (coalesced reads of the tile's row of
+// tile_counts and of offsets), the tile-local list start and what turns a list position
+// into a row; one warp builds the tile's list grouped by key; the block writes gather and
+// weights_out in row order (or the select kernel's list), then row_map in assignment
+// order. One warp placing the tile and writing rows from global offsets read one 32-byte
+// sector per 8-byte offset and wrote one sector per gather / weight / row_map entry.
+constexpr int kPlaceThreads = 256;
+
+struct PlaceSmem {
+  int32_t* shift;    // [L]: the tile's count of the key, then row (or sorted index) - list position
+  int32_t* row;      // [kPermuteTile]: row of each assignment, -1 if dropped
+  float* weight;     // [kPermuteTile]: weights, read once and coalesced
+  int16_t* limit;    // [L]: list positions of the key below it are kept
+  int16_t* placed;   // [L]: next list position of the key
+  int16_t* key;      // [kPermuteTile]: key of each assignment (L: not local)
+  int16_t* list;     // [kPermuteTile]: the tile's assignments grouped by key
+};
+
+__host__ __device__ inline size_t place_smem_bytes(int num_local) {
+  return static_cast<size_t>(num_local) * (4 + 2 + 2) + static_cast<size_t>(kPermuteTile) * (4 + 4 + 2 + 2);
+}
+
+__device__ __forceinline__ PlaceSmem place_smem(unsigned char* base, int num_local) {
+  PlaceSmem m;
+  m.shift = reinterpret_cast<int32_t*>(base);
+  m.row = m.shift + num_local;
+  m.weight = reinterpret_cast<float*>(m.row + kPermuteTile);
+  m.limit = reinterpret_cast<int16_t*>(m.weight + kPermuteTile);
+  m.placed = m.limit + num_local;
+  m.key = m.placed + num_local;
+  m.list = m.key + kPermuteTile;
+  return m;
+}
+
+__global__ void __launch_bounds__(kPlaceThreads) permute_place_kernel(PermuteIndexParams p, IndexWorkspace w) {
+  __shared__ int64_t warp_totals[kPlaceThreads / 32];
   const int num_local = num_keys(p);
-  for (int l = threadIdx.x; l < num_local; l += 32) {
-    placed[l] = w.tile_counts[static_cast<int64_t>(blockIdx.x) * num_local + l];
+  const PlaceSmem m = place_smem(dynamic_smem<unsigned char>(), num_local);
+  const int tile = blockIdx.x;
+  const int64_t begin = static_cast<int64_t>(tile) * kPermuteTile;
+  const int n = static_cast<int>(min(static_cast<int64_t>(kPermuteTile), p.num_tokens * p.k - begin));
+  const bool select = p.drop_by_weight && p.capacity >= 0;  // the select kernel places rows
+  const bool stage_weights = p.weights_out != nullptr && !select;
+  for (int l = threadIdx.x; l < num_local; l += blockDim.x) m.shift[l] = 0;
+  __syncthreads();
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const int key = local_key(p, load_id(p, begin + i));
+    m.key[i] = static_cast<int16_t>(key >= 0 ? key : num_local);
+    if (key >= 0) atomicAdd(&m.shift[key], 1);
+    if (stage_weights) m.weight[i] = p.weights[begin + i];
   }
-  __syncwarp();
-  place_tile(p, w, placed, blockIdx.x);
+  __syncthreads();
+  // Per key: its first list position (a scan of the tile's counts), and for list position
+  // i of the key, row = i + shift (rank inside the expert: base + i - list start, base =
+  // the tile's first rank from the offsets kernel) kept while i < limit (capacity, and a
+  // map's segment size: 0 for an index without a segment).
+  int64_t listed = 0;
+  for (int round = 0; round < num_local; round += kPlaceThreads) {
+    const int l = round + threadIdx.x;
+    const int count = l < num_local ? m.shift[l] : 0;
+    int64_t round_total;
+    const int64_t list_start = listed + block_exclusive_scan<kPlaceThreads>(count, warp_totals, &round_total);
+    // Every key reads its base and offsets, coalesced: reading only the keys present in
+    // the tile touched nearly as many sectors (measured: no fewer bytes moved at 4096
+    // experts) for fewer distinct bytes.
+    if (l < num_local) {
+      const int64_t base = w.tile_counts[static_cast<int64_t>(tile) * num_local + l];
+      int64_t shift = 0, limit = kPermuteTile;
+      if (select) {
+        shift = w.list_start[l] + base - list_start;
+      } else {
+        const int s = segment_of_key(p, l);
+        const int64_t start = p.offsets[s];
+        int64_t keep = p.capacity < 0 ? (int64_t{1} << 62) : p.capacity;  // ranks kept
+        if (p.expert_map != nullptr) keep = min(keep, p.offsets[s + 1] - start);
+        limit = min(max(keep - base + list_start, int64_t{0}), static_cast<int64_t>(kPermuteTile));
+        // Rows of kept assignments are below 2^31 (the adapters refuse larger outputs);
+        // a key with none kept here never uses its shift.
+        shift = limit > list_start ? start + base - list_start : 0;
+      }
+      m.shift[l] = static_cast<int32_t>(shift);
+      m.limit[l] = static_cast<int16_t>(limit);
+      m.placed[l] = static_cast<int16_t>(list_start);
+    }
+    listed += round_total;
+  }
+  __syncthreads();  // placed, shift and limit are visible to the block after this
+  if (threadIdx.x < 32) place_warp(m.key, m.placed, m.list, n, num_local);
+  __syncthreads();  // the list is complete after this
+  for (int i = threadIdx.x; i < listed; i += blockDim.x) {
+    const int a = m.list[i];
+    const int key = m.key[a];
+    if (select) {
+      w.sorted[m.shift[key] + i] = static_cast<int32_t>(begin + a);  // the select kernel writes row_map
+      continue;
+    }
+    const int32_t row = i < m.limit[key] ? m.shift[key] + i : -1;
+    m.row[a] = row;
+    if (row >= 0) {
+      p.gather[row] = (begin + a) / p.k;
+      if (stage_weights) p.weights_out[row] = m.weight[a];
+    }
+  }
+  __syncthreads();  // every local assignment's row is in shared memory after this
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const bool local = m.key[i] < num_local;
+    if (!local) {
+      p.row_map[begin + i] = -1;
+    } else if (!select) {
+      p.row_map[begin + i] = m.row[i];
+    }
+  }
 }
 
-// All of the above in one block, for a single tile (T * k <= kPermuteTile).
+// All of the above in one block, for a single tile (T * k <= kPermuteTile), staged in
+// shared memory so that every global access is coalesced and every byte moves once:
+//   1. each assignment's id is read once (its key kept in shared memory for the place
+//      warp; a second read of ids from global cost as much as the first) and counted;
+//   2. the expert scan writes offsets and keeps, per key, its list start and its first
+//      row in shared memory (the place warp read offsets[s] from global: a 32-byte sector
+//      for each 8-byte value);
+//   3. one warp puts the assignments, in (token, slot) order inside their key, at their
+//      places in the list of assignments grouped by key (place_warp);
+//   4. the block walks that list, where consecutive entries are consecutive rows of a
+//      segment: gather and the permuted weights (or, for the select kernel, the list) are
+//      written in row order, where writing them in assignment order scattered 8- and
+//      4-byte stores over one sector each;
+//   5. the block writes row_map in assignment order.
+// Rows fit in int32: the adapters refuse outputs of 2^31 rows or more.
+struct OneTileSmem {
+  int32_t* start;       // [L]: counts, then the segment's first row (-1: no segment)
+  int32_t* row;         // [kPermuteTile]: row of each assignment, -1 if dropped
+  float* weight;        // [kPermuteTile]: weights, read once and coalesced
+  int16_t* list_start;  // [L]: start of the key in the list (<= kPermuteTile)
+  int16_t* placed;      // [L]: next list position of the key
+  int16_t* key;         // [kPermuteTile]: key of each assignment (L: not local)
+  int16_t* list;        // [kPermuteTile]: assignments grouped by key, (token, slot) order
+};
+
+__host__ __device__ inline size_t one_tile_smem_bytes(int num_local) {
+  return static_cast<size_t>(num_local) * (4 + 2 + 2) + static_cast<size_t>(kPermuteTile) * (4 + 4 + 2 + 2);
+}
+
+__device__ __forceinline__ OneTileSmem one_tile_smem(unsigned char* base, int num_local) {
+  OneTileSmem m;
+  m.start = reinterpret_cast<int32_t*>(base);
+  m.row = m.start + num_local;
+  m.weight = reinterpret_cast<float*>(m.row + kPermuteTile);
+  m.list_start = reinterpret_cast<int16_t*>(m.weight + kPermuteTile);
+  m.placed = m.list_start + num_local;
+  m.key = m.placed + num_local;
+  m.list = m.key + kPermuteTile;
+  return m;
+}
+
 __global__ void __launch_bounds__(kOffsetsThreads, 1)
     permute_index_one_tile_kernel(PermuteIndexParams p, IndexWorkspace w) {
-  int32_t* counts = dynamic_smem<int32_t>();  // [num_local]
-  int32_t* placed = counts + num_keys(p);  // [num_local]
   __shared__ int64_t warp_totals[kOffsetsThreads / 32];
   const int num_local = num_keys(p);
-  for (int l = threadIdx.x; l < num_local; l += blockDim.x) {
-    counts[l] = 0;
-    placed[l] = 0;  // the only tile starts every expert at rank 0
+  const OneTileSmem m = one_tile_smem(dynamic_smem<unsigned char>(), num_local);
+  const int n = static_cast<int>(p.num_tokens * p.k);  // <= kPermuteTile
+  // Capacity with drop by weight: the select runs here too (below), on the staged list.
+  const bool select = p.drop_by_weight && p.capacity >= 0;
+  const bool stage_weights = p.weights_out != nullptr || select;
+  for (int l = threadIdx.x; l < num_local; l += blockDim.x) m.start[l] = 0;
+  __syncthreads();
+  for (int a = threadIdx.x; a < n; a += blockDim.x) {
+    // Out-of-range ids are never local: they are dropped, never indexed.
+    const int key = local_key(p, load_id(p, a));
+    m.key[a] = static_cast<int16_t>(key >= 0 ? key : num_local);
+    if (key >= 0) atomicAdd(&m.start[key], 1);
+    if (stage_weights) m.weight[a] = p.weights[a];
   }
   __syncthreads();
-  count_tile(p, counts, 0);
-  __syncthreads();
-  for (int l = threadIdx.x; l < num_local; l += blockDim.x) w.counts[l] = counts[l];
-  scan_experts(p, w, counts, warp_totals);
-  __syncthreads();  // offsets and list_start (global) are visible to the block after this
-  if (threadIdx.x < 32) place_tile(p, w, placed, 0);
+  const int listed = static_cast<int>(scan_experts(
+      p, m.start, warp_totals, [&](int key, int32_t list_start, int64_t row, bool exists) {
+        m.list_start[key] = static_cast<int16_t>(list_start);
+        m.placed[key] = static_cast<int16_t>(list_start);  // the only tile: rank 0 first
+        m.start[key] = exists ? static_cast<int32_t>(row) : -1;
+      }));
+  __syncthreads();  // list_start and start are visible to the block after this
+
+  if (threadIdx.x < 32) place_warp(m.key, m.placed, m.list, n, num_local);
+  __syncthreads();  // the list is complete after this
+
+  for (int i = threadIdx.x; i < listed; i += blockDim.x) {
+    const int a = m.list[i];
+    const int key = m.key[a];
+    const int key_start = m.list_start[key];
+    const int rank = i - key_start;
+    const int32_t start = m.start[key];  // a key without a segment (unchecked map): dropped
+    int32_t row = -1;
+    if (start >= 0 && (p.capacity < 0 || rank < p.capacity)) row = start + rank;
+    if (select && start >= 0) {
+      // The expert's list is [key_start, end) in (token, slot) order; when it holds more
+      // than capacity, an assignment is kept when fewer than capacity of the list rank
+      // before it by weight (larger weight key, or an equal key earlier in the list: the
+      // select kernel's threshold and ties). Its row then depends on the kept entries
+      // before it in the list: encoded as -2 - i here, resolved after the barrier below.
+      const int end = m.placed[key];  // after the place warp: the key's list end
+      if (end - key_start > p.capacity) {
+        const uint32_t mine = weight_key(m.weight[a]);
+        int64_t above = 0;
+        for (int j = key_start; j < end; ++j) {
+          const uint32_t other = weight_key(m.weight[m.list[j]]);
+          above += other > mine || (other == mine && j < i) ? 1 : 0;
+        }
+        row = above < p.capacity ? -2 - i : -1;
+      }
+    }
+    m.row[a] = row;
+    if (row >= 0) {
+      p.gather[row] = a / p.k;
+      if (p.weights_out != nullptr) p.weights_out[row] = m.weight[a];
+    }
+  }
+  __syncthreads();  // every local assignment's row (or kept mark) is in shared memory after this
+  // The row of list entry i kept by weight: the segment's next after the kept before it.
+  auto kept_row = [&](int key, int i) -> int32_t {
+    int32_t kept_before = 0;
+    for (int j = m.list_start[key]; j < i; ++j) kept_before += m.row[m.list[j]] <= -2 ? 1 : 0;
+    return m.start[key] + kept_before;
+  };
+  if (select) {  // gather and weights of the rows kept by weight, in list (row) order
+    for (int i = threadIdx.x; i < listed; i += blockDim.x) {
+      const int a = m.list[i];
+      if (m.row[a] > -2) continue;
+      const int32_t row = kept_row(m.key[a], i);
+      p.gather[row] = a / p.k;
+      if (p.weights_out != nullptr) p.weights_out[row] = m.weight[a];
+    }
+  }
+  for (int a = threadIdx.x; a < n; a += blockDim.x) {
+    const int key = m.key[a];
+    int32_t row = key < num_local ? m.row[a] : -1;
+    if (row <= -2) row = kept_row(key, -2 - row);
+    p.row_map[a] = row;
+  }
 }
 
 // Keys per thread the select kernel keeps in registers: up to kSelectCached *
@@ -599,8 +802,15 @@ __global__ void __launch_bounds__(kRowThreads)
   }
 }
 
-// One warp per token; the k dot products one after another.
+// One warp per token. The token's row of `a` is read once for up to kDotGroup of its k
+// dot products (each of its chunks meets the kDotGroup rows of `b` while it is in
+// registers), not once per product: the k products one after another read `a` k times
+// (1.85x the minimum traffic at k = 8). The slots' rows and outputs move as one coalesced
+// instruction per group (lane jj holds slot jj), not one 8-byte read and 4-byte write per
+// slot. Each product still sums its own terms in the same order (chunks ascending, then
+// the warp's butterfly), so the bits are those of one product at a time.
 constexpr int kDotThreads = 128;
+constexpr int kDotGroup = 16;  // products per pass over `a`: k <= 16 reads it once
 
 template <typename T>
 __global__ void __launch_bounds__(kDotThreads) row_dot_kernel(RowDotParams p, bool vector_path) {
@@ -611,26 +821,47 @@ __global__ void __launch_bounds__(kDotThreads) row_dot_kernel(RowDotParams p, bo
   const int64_t H = p.hidden;
   const T* a = static_cast<const T*>(p.a) + t * H;
   const T* b_base = static_cast<const T*>(p.b);
-  for (int j = 0; j < p.k; ++j) {
-    const int64_t r = __ldg(p.row_map + t * p.k + j);
-    const bool valid = r >= 0 && r < p.num_b_rows;
-    float dot = 0.f;
-    if (valid) {
-      const T* b = b_base + r * H;
-      if (vector_path) {
-        for (int64_t c = lane; c < H / V; c += 32) {
-          float va[V], vb[V];
-          load_vec16_as_float(a + c * V, va);
-          load_vec16_as_float(b + c * V, vb);
+  for (int j0 = 0; j0 < p.k; j0 += kDotGroup) {
+    const int group = min(kDotGroup, p.k - j0);
+    // Lane jj < group reads slot j0 + jj's row; the others hold -1 (invalid).
+    const int64_t my_row = lane < group ? __ldg(p.row_map + t * p.k + j0 + lane) : int64_t{-1};
+    int64_t rows[kDotGroup];
+    float dot[kDotGroup];
 #pragma unroll
-          for (int i = 0; i < V; ++i) dot += va[i] * vb[i];
+    for (int jj = 0; jj < kDotGroup; ++jj) {
+      rows[jj] = __shfl_sync(kFullMask, my_row, jj);
+      dot[jj] = 0.f;
+    }
+    if (vector_path) {
+      for (int64_t c = lane; c < H / V; c += 32) {
+        float va[V];
+        load_vec16_as_float(a + c * V, va);
+#pragma unroll
+        for (int jj = 0; jj < kDotGroup; ++jj) {
+          if (rows[jj] < 0 || rows[jj] >= p.num_b_rows) continue;
+          float vb[V];
+          load_vec16_as_float(b_base + rows[jj] * H + c * V, vb);
+#pragma unroll
+          for (int i = 0; i < V; ++i) dot[jj] += va[i] * vb[i];
         }
-      } else {
-        for (int64_t i = lane; i < H; i += 32) dot += to_float(a[i]) * to_float(b[i]);
+      }
+    } else {
+      for (int64_t i = lane; i < H; i += 32) {
+        const float va = to_float(a[i]);
+#pragma unroll
+        for (int jj = 0; jj < kDotGroup; ++jj) {
+          if (rows[jj] < 0 || rows[jj] >= p.num_b_rows) continue;
+          dot[jj] += va * to_float(b_base[rows[jj] * H + i]);
+        }
       }
     }
-    dot = warp_allreduce<32>(dot, SumOp{});
-    if (lane == 0) p.out[t * p.k + j] = dot;
+    float mine = 0.f;
+#pragma unroll
+    for (int jj = 0; jj < kDotGroup; ++jj) {
+      const float d = warp_allreduce<32>(dot[jj], SumOp{});
+      if (lane == jj) mine = d;
+    }
+    if (lane < group) p.out[t * p.k + j0 + lane] = mine;
   }
 }
 
@@ -697,7 +928,8 @@ void launch_permute_index(const PermuteIndexParams& p, cudaStream_t stream) {
   if (w.num_tiles <= 1) {
     // Also runs with no tokens: offsets and num_rows are still written.
     launch_kernel("permute_index_one_tile_kernel", permute::permute_index_one_tile_kernel,
-                  LaunchConfig{dim3(1), dim3(permute::kOffsetsThreads), 2 * counter_bytes, stream},
+                  LaunchConfig{dim3(1), dim3(permute::kOffsetsThreads),
+                               permute::one_tile_smem_bytes(num_local), stream},
                   p, w);
   } else {
     launch_kernel("permute_count_kernel", permute::permute_count_kernel,
@@ -706,9 +938,11 @@ void launch_permute_index(const PermuteIndexParams& p, cudaStream_t stream) {
     launch_kernel("permute_offsets_kernel", permute::permute_offsets_kernel,
                   LaunchConfig{dim3(1), dim3(permute::kOffsetsThreads), counter_bytes, stream}, p, w);
     launch_kernel("permute_place_kernel", permute::permute_place_kernel,
-                  LaunchConfig{dim3(w.num_tiles), dim3(32), counter_bytes, stream}, p, w);
+                  LaunchConfig{dim3(w.num_tiles), dim3(permute::kPlaceThreads),
+                               permute::place_smem_bytes(num_local), stream},
+                  p, w);
   }
-  if (p.drop_by_weight && p.capacity >= 0) {
+  if (p.drop_by_weight && p.capacity >= 0 && w.num_tiles > 1) {  // one tile: selected above
     launch_kernel("permute_select_kernel", permute::permute_select_kernel,
                   LaunchConfig{dim3(num_local), dim3(permute::kSelectThreads), 0, stream}, p, w);
   }
