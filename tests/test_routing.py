@@ -1507,3 +1507,22 @@ def test_expert_choice_traffic(experts, k):
     for r in rows:
         assert r["amplification"] <= 1.5, (r["kernel"], r["amplification"])
         assert r["max_bank_conflict_ways"] <= 2, (r["kernel"], r["max_bank_conflict_ways"])
+
+
+@pytest.mark.parametrize("experts,dtype", [(2048, torch.float32), (4096, torch.float32),
+                                           (4096, torch.bfloat16)])
+def test_backward_softmax_long_rows(kernel_backend, experts, dtype):
+    # Softmax without renormalize keeps rows of up to 8 KiB in shared memory for the
+    # gradient pass (2048 fp32, 4096 bf16) and reads longer ones twice (4096 fp32).
+    dev = device_of(kernel_backend)
+    logits = make_logits(5, experts, dtype, seed=experts)
+    grad_w = torch.randn(5, 8, generator=torch.Generator().manual_seed(3))
+    ref_logits = logits.clone().requires_grad_(True)
+    ref_w, ref_ids = reference.topk_gating(ref_logits, 8)
+    (ref_w * grad_w).sum().backward()
+    kernel_logits = logits.to(dev).requires_grad_(True)
+    w, ids = run(kernel_backend, moe_kernels.topk_gating, kernel_logits, 8)
+    assert torch.equal(ids.cpu(), ref_ids)
+    (w * grad_w.to(dev)).sum().backward()
+    torch.testing.assert_close(kernel_logits.grad.cpu(), ref_logits.grad, **GRAD_TOL[dtype])
+
