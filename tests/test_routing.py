@@ -1507,3 +1507,55 @@ def test_expert_choice_traffic(experts, k):
     for r in rows:
         assert r["amplification"] <= 1.5, (r["kernel"], r["amplification"])
         assert r["max_bank_conflict_ways"] <= 2, (r["kernel"], r["max_bank_conflict_ways"])
+
+
+@pytest.mark.parametrize("experts,dtype", [(2048, torch.float32), (4096, torch.float32),
+                                           (4096, torch.bfloat16)])
+def test_backward_softmax_long_rows(kernel_backend, experts, dtype):
+    # Softmax without renormalize keeps rows of up to 8 KiB in shared memory for the
+    # gradient pass (2048 fp32, 4096 bf16) and reads longer ones twice (4096 fp32).
+    dev = device_of(kernel_backend)
+    logits = make_logits(5, experts, dtype, seed=experts)
+    grad_w = torch.randn(5, 8, generator=torch.Generator().manual_seed(3))
+    ref_logits = logits.clone().requires_grad_(True)
+    ref_w, ref_ids = reference.topk_gating(ref_logits, 8)
+    (ref_w * grad_w).sum().backward()
+    kernel_logits = logits.to(dev).requires_grad_(True)
+    w, ids = run(kernel_backend, moe_kernels.topk_gating, kernel_logits, 8)
+    assert torch.equal(ids.cpu(), ref_ids)
+    (w * grad_w.to(dev)).sum().backward()
+    torch.testing.assert_close(kernel_logits.grad.cpu(), ref_logits.grad, **GRAD_TOL[dtype])
+
+
+# Memory traffic of top-k gating, its backward and router_stats on the presets of issue 9
+# (bench/traffic_report.py's shapes): at most 1.5x the minimum bytes, shared memory at most
+# 2-way bank conflicted (router_stats: traffic only; its histogram's conflicts depend on
+# the ids).
+TRAFFIC_PRESETS = {
+    "deepseek-v3": (256, 8, dict(scoring="sigmoid", bias=True, num_groups=8, topk_groups=4,
+                                 renormalize=True, scaling_factor=2.5)),
+    "qwen3-next": (512, 10, dict(renormalize=True)),
+    "e4096": (4096, 8, dict()),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(TRAFFIC_PRESETS))
+def test_topk_gating_traffic(preset):
+    needs_observer()
+    experts, k, cfg = TRAFFIC_PRESETS[preset]
+    cfg = dict(cfg, bias=make_bias(experts) if cfg.get("bias") else None)
+    tokens = 64
+    logits = make_logits(tokens, experts, torch.bfloat16, seed=experts).requires_grad_(True)
+    with moe_kernels.use_backend("simt"):
+        with emulator.traffic() as rows:
+            w, ids = moe_kernels.topk_gating(logits, k, **cfg)
+        with emulator.traffic() as backward_rows:
+            w.sum().backward()
+        with emulator.traffic() as stats_rows:
+            moe_kernels.router_stats(ids, experts)
+    assert [r["kernel"] for r in rows + backward_rows + stats_rows] == [
+        "topk_gating_kernel", "topk_gating_backward_kernel", "router_stats_shared_kernel"]
+    for r in rows + backward_rows + stats_rows:
+        assert r["amplification"] <= 1.5, (r["kernel"], r["amplification"])
+    for r in rows + backward_rows:
+        assert r["max_bank_conflict_ways"] <= 2, (r["kernel"], r["max_bank_conflict_ways"])

@@ -68,14 +68,17 @@ namespace routing {
 // 1 / sum(exp(x - max)) in one pass over the row (online: the running sum is rescaled when
 // the running max grows), so a kernel that reads the row again reads it twice in all. A
 // NaN logit or an infinite max (a +inf logit, a row of only -inf) makes the sum NaN.
-// Every lane gets the same bits.
+// Every lane gets the same bits. With `stage` (E elements), each lane also keeps the
+// elements it read (e = lane mod 32) there, for a second pass of its own over them.
 template <typename T>
 __device__ __forceinline__ void warp_softmax_stats(const T* row, int E, float* row_max,
-                                                   float* inv_sum) {
+                                                   float* inv_sum, T* stage = nullptr) {
   const int lane = threadIdx.x % 32;
   float m = -INFINITY, sum = 0.f;
   for (int e = lane; e < E; e += 32) {
-    const float v = to_float(row[e]);
+    const T raw = row[e];
+    if (stage != nullptr) stage[e] = raw;
+    const float v = to_float(raw);
     if (v > m) {
       sum = sum * expf(m - v) + 1.f;  // m = -inf: sum is still 0
       m = v;

@@ -7,7 +7,9 @@
 // group reads consecutive 16-byte chunks (coalesced). Padding slots past E never win.
 //
 // Selection values: without a bias, the logits themselves (every scoring is monotonic, and comparing logits is exact where the scores could round to equal values);
-// with a bias, score + bias (the score is the softmax probability or the sigmoid).
+// with a bias, score + bias (the score is the softmax probability or the sigmoid). The
+// block reads the bias from global memory once into shared memory (it is the same for
+// every token: per token group it would be read again for every token).
 //
 // Group-limited routing (num_groups > 1) stages score + bias of the block's tokens in
 // shared memory (no global workspace): one thread per group reduces it to the group
@@ -16,7 +18,11 @@
 // Top-k selection is k rounds of a group-wide argmax over 64-bit keys (selection.cuh) so
 // that one max() picks the larger value and, on a tie, the lower expert index. Only the
 // thread that owned the winner rescans its slots, so a round costs one reduction. The
-// winning slot remembers its rank; at the end each owner writes its own winners.
+// winning slot remembers its rank; at the end each owner puts its winners at their ranks
+// in shared memory, and the block stores its tokens' weights and ids in order (coalesced).
+//
+// Shared memory (GatingSmem): [bias: E] [group values: tokens x (E + groups)] [weights:
+// tokens x k] [ids: tokens x k], the first two only when used.
 #pragma once
 
 #include "../common/launch.cuh"
@@ -28,20 +34,40 @@
 namespace moe {
 namespace routing {
 
+// 256 threads (or one group of TPT, past 256): 8 tokens of a warp-wide group per block.
+// Every block reads the [E] float bias once (see the staging below), which for a
+// bf16 row is twice the bytes of the token's logits: 4 tokens per block made the bias
+// half as many bytes again as the logits, 8 make it a quarter.
 template <int TPT>
 __host__ __device__ constexpr int block_threads() {
-  return TPT > 128 ? TPT : 128;
+  return TPT > 256 ? TPT : 256;
 }
+
+__host__ __device__ inline int round_up4(int n) { return (n + 3) / 4 * 4; }
 
 // Floats of shared memory per token for group-limited routing: the token's score + bias
 // per expert, then one score per group; rounded up to 4 so every token's values start
 // 16-byte aligned (they are stored 16 bytes at a time).
 __host__ __device__ inline int group_smem_floats(int num_experts, int num_groups) {
-  return (num_experts + num_groups + 3) / 4 * 4;
+  return round_up4(num_experts + num_groups);
 }
 
-// The launch bound asks for two blocks of 256 threads (four of 128) per multiprocessor:
-// at most 128 registers, 16 warps (25% occupancy on sm_80/sm_90, 33% on sm_120). Without a
+// Dynamic shared memory, in 4-byte words, every part 16-byte aligned: the bias (if any),
+// the group-limited values of the block's tokens (if num_groups > 1), then the block's
+// outputs (weights, then ids: tokens * k each) staged for one coalesced store.
+struct GatingSmem {
+  int bias, groups, weights, ids, total;
+  __host__ __device__ GatingSmem(const TopkGatingParams& p, int tokens) {
+    bias = 0;
+    groups = p.bias != nullptr ? round_up4(p.num_experts) : 0;
+    weights = groups + (p.num_groups > 1 ? tokens * group_smem_floats(p.num_experts, p.num_groups) : 0);
+    ids = weights + tokens * p.k;
+    total = ids + tokens * p.k;
+  }
+};
+
+// The launch bound asks for two blocks of 256 threads per multiprocessor: at most 128
+// registers, 16 warps (25% occupancy on sm_80/sm_90, 33% on sm_120). Without a
 // minimum, ptxas picked a register count of its own (80 or 96) and spilled to reach it.
 template <typename T, int TPT, int NCHUNK>
 __global__ void __launch_bounds__(block_threads<TPT>(), 512 / block_threads<TPT>())
@@ -54,11 +80,15 @@ __global__ void __launch_bounds__(block_threads<TPT>(), 512 / block_threads<TPT>
   __shared__ uint64_t key_scratch[WARPS];
   __shared__ float sum_scratch[WARPS];
 
+  constexpr int TOKENS = BLOCK / TPT;
   const int E = p.num_experts;
   const bool softmax = p.scoring == Scoring::softmax;
   const int g = threadIdx.x % TPT;
   const int local_token = threadIdx.x / TPT;
-  const int64_t token = static_cast<int64_t>(blockIdx.x) * (BLOCK / TPT) + local_token;
+  const int64_t first_token = static_cast<int64_t>(blockIdx.x) * TOKENS;
+  const int64_t token = first_token + local_token;
+  const GatingSmem layout(p, TOKENS);
+  float* smem = dynamic_smem<float>();
   // Threads past the last token still take part in the group collectives.
   const bool valid = token < p.num_tokens;
   const T* row = static_cast<const T*>(p.logits) + (valid ? token : 0) * static_cast<int64_t>(E);
@@ -132,19 +162,44 @@ __global__ void __launch_bounds__(block_threads<TPT>(), 512 / block_threads<TPT>
   float sel[VPT];
 #pragma unroll
   for (int s = 0; s < VPT; ++s) sel[s] = x(s);
-  if (p.bias != nullptr) {
-    // The bias chunk of a row chunk is CHUNK floats: 16-byte loads when aligned.
-    const bool bias_vector_loads = reinterpret_cast<uintptr_t>(p.bias) % 16 == 0 && E % 4 == 0;
+  if (p.bias != nullptr) {  // uniform over the block: the barrier is safe here
+    // The block reads the bias from global memory once, 16 bytes per thread in order
+    // (whole sectors), into shared memory; every token group then reads its chunks there.
+    // Read straight from global memory, each group re-read all E floats, and the two
+    // 16-byte halves of a thread's 32-byte chunk (half types) were two instructions each
+    // using half of every sector: 2 KB moved per token for a 1 KB bias (4.5x the minimum
+    // on DeepSeek-V3, whose bf16 logits are 512 bytes a token).
+    float* bias = smem + layout.bias;
+    if (reinterpret_cast<uintptr_t>(p.bias) % 16 == 0 && E % 4 == 0) {
+      for (int q = threadIdx.x; q < E / 4; q += BLOCK) store_vec16(bias + 4 * q, load_vec16(p.bias + 4 * q));
+    } else {
+      for (int e = threadIdx.x; e < E; e += BLOCK) bias[e] = p.bias[e];
+    }
+    __syncthreads();
 #pragma unroll
     for (int j = 0; j < NCHUNK; ++j) {
       const int base = (j * TPT + g) * CHUNK;
       float b[CHUNK];
-      if (bias_vector_loads && base + CHUNK <= E) {
+      if (E % 4 == 0 && base + CHUNK <= E) {
+        // 16-byte reads; for 8-float chunks the two halves in the order of the group
+        // stores below (threads 32 bytes apart: g and g + 4 would share banks).
+        if constexpr (CHUNK == 8) {
+          const bool flip = (g >> 2) & 1;
+          float read1[4], read2[4];  // selects, not an index into b (local memory)
+          load_vec16_as_float(bias + base + (flip ? 4 : 0), read1);
+          load_vec16_as_float(bias + base + (flip ? 0 : 4), read2);
 #pragma unroll
-        for (int q = 0; q < CHUNK; q += 4) load_vec16_as_float(p.bias + base + q, &b[q]);
+          for (int i = 0; i < 4; ++i) {
+            b[i] = flip ? read2[i] : read1[i];
+            b[4 + i] = flip ? read1[i] : read2[i];
+          }
+        } else {
+#pragma unroll
+          for (int q = 0; q < CHUNK; q += 4) load_vec16_as_float(bias + base + q, &b[q]);
+        }
       } else {
 #pragma unroll
-        for (int i = 0; i < CHUNK; ++i) b[i] = base + i < E ? p.bias[base + i] : 0.f;
+        for (int i = 0; i < CHUNK; ++i) b[i] = base + i < E ? bias[base + i] : 0.f;
       }
 #pragma unroll
       for (int i = 0; i < CHUNK; ++i) {
@@ -156,7 +211,7 @@ __global__ void __launch_bounds__(block_threads<TPT>(), 512 / block_threads<TPT>
 
   if (p.num_groups > 1) {  // uniform over the block: barriers are safe here
     const int group_size = E / p.num_groups;
-    float* token_values = dynamic_smem<float>() + local_token * group_smem_floats(E, p.num_groups);
+    float* token_values = smem + layout.groups + local_token * group_smem_floats(E, p.num_groups);
     float* group_scores = token_values + E;
     // Each thread stores its chunks' values 16 bytes at a time: a phase of 8 threads then
     // covers all 32 banks (one float per thread per store would hit banks g * CHUNK: 8-way
@@ -296,17 +351,35 @@ __global__ void __launch_bounds__(block_threads<TPT>(), 512 / block_threads<TPT>
     }
     divisor = group_allreduce<TPT>(chosen_sum, SumOp{}, sum_scratch);
   }
-  if (!valid) return;
-  float* weights = p.weights + token * p.k;
-  int32_t* ids = p.ids + token * p.k;
+  // Each owner puts its winners at their ranks in shared memory, then the block stores
+  // its tokens' [tokens, k] outputs in order. Stored from the owners' registers, each
+  // unrolled slot was one instruction writing a scattered few ranks: up to VPT sectors
+  // per token and output for the k * 4 bytes of one.
+  float* staged_weights = smem + layout.weights + local_token * p.k;
+  int32_t* staged_ids = reinterpret_cast<int32_t*>(smem + layout.ids) + local_token * p.k;
+  // Tokens past the end stage nothing (nothing reads their rows). Staging them too made
+  // ptxas fail register allocation for half types at TPT = 4 on sm_80/sm_90.
+  if (valid) {
 #pragma unroll
-  for (int s = 0; s < VPT; ++s) {
-    if ((chosen >> s) & 1u) {
-      const float w = p.renormalize ? expf(log_score(x(s)) - shift) / divisor : score(x(s));
-      const int rank = static_cast<int>(slot_bits[s]);
-      weights[rank] = poisoned ? NAN : w * p.scaling_factor;
-      ids[rank] = slot_expert(s);
+    for (int s = 0; s < VPT; ++s) {
+      if ((chosen >> s) & 1u) {
+        const float w = p.renormalize ? expf(log_score(x(s)) - shift) / divisor : score(x(s));
+        const int rank = static_cast<int>(slot_bits[s]);
+        staged_weights[rank] = poisoned ? NAN : w * p.scaling_factor;
+        staged_ids[rank] = slot_expert(s);
+      }
     }
+  }
+  __syncthreads();
+  const int64_t tokens_here = p.num_tokens - first_token < TOKENS ? p.num_tokens - first_token : TOKENS;
+  const int count = static_cast<int>(tokens_here) * p.k;
+  float* weights = p.weights + first_token * p.k;
+  int32_t* ids = p.ids + first_token * p.k;
+  const float* block_weights = smem + layout.weights;
+  const int32_t* block_ids = reinterpret_cast<const int32_t*>(smem + layout.ids);
+  for (int i = threadIdx.x; i < count; i += BLOCK) {
+    weights[i] = block_weights[i];
+    ids[i] = block_ids[i];
   }
 }
 
@@ -315,9 +388,7 @@ void launch_config(const TopkGatingParams& p, cudaStream_t stream) {
   constexpr int BLOCK = block_threads<TPT>();
   const bool vector_loads = reinterpret_cast<uintptr_t>(p.logits) % 16 == 0 &&
                             (p.num_experts * sizeof(T)) % 16 == 0;
-  const size_t smem = p.num_groups > 1 ? (BLOCK / TPT) * sizeof(float) *
-                                             group_smem_floats(p.num_experts, p.num_groups)
-                                       : 0;
+  const size_t smem = sizeof(float) * GatingSmem(p, BLOCK / TPT).total;
   LaunchConfig cfg{dim3(ceil_div(p.num_tokens, BLOCK / TPT)), dim3(BLOCK), smem, stream};
   launch_kernel("topk_gating_kernel", topk_gating_kernel<T, TPT, NCHUNK>, cfg, p, vector_loads);
 }
