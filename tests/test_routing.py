@@ -1527,10 +1527,10 @@ def test_backward_softmax_long_rows(kernel_backend, experts, dtype):
     torch.testing.assert_close(kernel_logits.grad.cpu(), ref_logits.grad, **GRAD_TOL[dtype])
 
 
-# Memory traffic of top-k gating, its backward and router_stats on the presets of issue 9
-# (bench/traffic_report.py's shapes): at most 1.5x the minimum bytes, shared memory at most
-# 2-way bank conflicted (router_stats: traffic only; its histogram's conflicts depend on
-# the ids).
+# Memory traffic of top-k gating, its backward and router_stats on the goal presets
+# (DeepSeek-V3, Qwen3-Next, 4096 experts; bench/traffic_report.py's shapes): at most 1.5x
+# the minimum bytes, shared memory at most 2-way bank conflicted (router_stats: traffic
+# only; its histogram's conflicts depend on the ids).
 TRAFFIC_PRESETS = {
     "deepseek-v3": (256, 8, dict(scoring="sigmoid", bias=True, num_groups=8, topk_groups=4,
                                  renormalize=True, scaling_factor=2.5)),

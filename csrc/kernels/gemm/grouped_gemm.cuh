@@ -200,9 +200,7 @@ __global__ void __launch_bounds__(Tr::THREADS, Tr::MIN_BLOCKS) grouped_gemm_kern
     // the fragments four lanes would write 16 bytes of a 32-byte sector and another
     // instruction the other half. The fp32 pre-activation pairs fill whole sectors
     // (4 lanes x 8 bytes) and are stored directly.
-    constexpr int OUT_STRIDE = Tr::BN + Tr::PAD;
-    static_assert(Tr::BM * OUT_STRIDE <= Tr::template stage_elems<false, W_KN>() * Tr::STAGES,
-                  "the output tile fits in the stages");
+    constexpr int OUT_STRIDE = Tr::OUT_STRIDE;
     T* staged = smem;
     const int64_t out0 = n_tile * out_per_tile;  // first output column of the tile
     const int g = lane / 4, t4 = lane % 4;

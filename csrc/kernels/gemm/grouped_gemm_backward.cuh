@@ -22,6 +22,24 @@ namespace gemm {
 
 using WgradTile = TileTraits<64, 64, 32, 2, 2, 4, 4>;
 
+// Copies reduction rows [first, first + BK) of one operand, columns [col0, col0 + WIDTH) of
+// its `cols`, into a [BK][WIDTH + PAD] stage tile; source_row(local) is the operand row of
+// the expert's local row (null: a zero row).
+template <class Tr, int WIDTH, typename T, class SourceRow>
+__device__ __forceinline__ void copy_row_block(T* dst, const T* base, int64_t cols, int64_t col0, int64_t first,
+                                               SourceRow source_row) {
+  constexpr int CPR = WIDTH / Tr::CHUNK;
+  constexpr int COPIES = Tr::BK * CPR / Tr::THREADS;
+  static_assert(COPIES * Tr::THREADS == Tr::BK * CPR, "tile copies split evenly over the threads");
+#pragma unroll
+  for (int c = 0; c < COPIES; ++c) {
+    const int idx = threadIdx.x + c * Tr::THREADS;
+    const int r = idx / CPR, col = (idx % CPR) * Tr::CHUNK;
+    const T* src = col0 + col < cols ? source_row(first + r) : nullptr;
+    copy_chunk(dst + r * (WIDTH + Tr::PAD) + col, src != nullptr ? src + col0 + col : nullptr, base);
+  }
+}
+
 template <typename T, class Tr>
 __global__ void __launch_bounds__(Tr::THREADS, Tr::MIN_BLOCKS) grouped_gemm_wgrad_kernel(GroupedGemmWgradParams p) {
   T* smem = dynamic_smem<T>();
@@ -34,12 +52,6 @@ __global__ void __launch_bounds__(Tr::THREADS, Tr::MIN_BLOCKS) grouped_gemm_wgra
   const int64_t total = per_expert * p.num_experts;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int warp_m = warp / Tr::WN, warp_n = warp % Tr::WN;
-  constexpr int CPR_M = Tr::BM / Tr::CHUNK;
-  constexpr int CPR_N = Tr::BN / Tr::CHUNK;
-  constexpr int A_COPIES = Tr::BK * CPR_M / Tr::THREADS;
-  constexpr int B_COPIES = Tr::BK * CPR_N / Tr::THREADS;
-  static_assert(A_COPIES * Tr::THREADS == Tr::BK * CPR_M && B_COPIES * Tr::THREADS == Tr::BK * CPR_N,
-                "tile copies split evenly over the threads");
 
   for (int64_t t = blockIdx.x; t < total; t += gridDim.x) {
     const int e = static_cast<int>(t / per_expert);
@@ -58,20 +70,10 @@ __global__ void __launch_bounds__(Tr::THREADS, Tr::MIN_BLOCKS) grouped_gemm_wgra
     };
     auto load_stage = [&](T* sa, T* sb, int step) {
       const int64_t first = static_cast<int64_t>(step) * Tr::BK;
-#pragma unroll
-      for (int c = 0; c < A_COPIES; ++c) {
-        const int idx = threadIdx.x + c * Tr::THREADS;
-        const int r = idx / CPR_M, col = (idx % CPR_M) * Tr::CHUNK;
-        const T* src = p0 + col < p.p_cols ? source_row(pm, p.p_gather, p.p_rows, p.p_cols, first + r) : nullptr;
-        copy_chunk(sa + r * (Tr::BM + Tr::PAD) + col, src != nullptr ? src + p0 + col : nullptr, pm);
-      }
-#pragma unroll
-      for (int c = 0; c < B_COPIES; ++c) {
-        const int idx = threadIdx.x + c * Tr::THREADS;
-        const int r = idx / CPR_N, col = (idx % CPR_N) * Tr::CHUNK;
-        const T* src = q0 + col < p.q_cols ? source_row(qm, p.q_gather, p.q_rows, p.q_cols, first + r) : nullptr;
-        copy_chunk(sb + r * (Tr::BN + Tr::PAD) + col, src != nullptr ? src + q0 + col : nullptr, qm);
-      }
+      copy_row_block<Tr, Tr::BM>(sa, pm, p.p_cols, p0, first,
+                                 [&](int64_t local) { return source_row(pm, p.p_gather, p.p_rows, p.p_cols, local); });
+      copy_row_block<Tr, Tr::BN>(sb, qm, p.q_cols, q0, first,
+                                 [&](int64_t local) { return source_row(qm, p.q_gather, p.q_rows, p.q_cols, local); });
     };
 
     Accumulators<Tr> acc;
@@ -79,9 +81,7 @@ __global__ void __launch_bounds__(Tr::THREADS, Tr::MIN_BLOCKS) grouped_gemm_wgra
     pipelined_mma<Tr, T, true, true>(acc, smem, num_steps, warp_m, warp_n, load_stage);
 
     // Staged through shared memory over the idle stages (16-byte stores; see tile.cuh).
-    constexpr int OUT_STRIDE = Tr::BN + Tr::PAD;
-    static_assert(Tr::BM * OUT_STRIDE <= Tr::template stage_elems<true, true>() * Tr::STAGES,
-                  "the output tile fits in the stages");
+    constexpr int OUT_STRIDE = Tr::OUT_STRIDE;
     T* staged = smem;
     const int g = lane / 4, t4 = lane % 4;
     __syncthreads();  // every warp has finished reading the stages

@@ -61,6 +61,11 @@ struct TileTraits {
   __host__ __device__ static constexpr int smem_bytes() {
     return STAGES * stage_elems<A_REDUCTION_MAJOR, B_REDUCTION_MAJOR>() * 2;
   }
+  // The epilogue stages the BM x BN output tile over the idle stages, rows padded as above
+  // (store_staged_tile).
+  static constexpr int OUT_STRIDE = BN + PAD;
+  static_assert(BM * OUT_STRIDE <= STAGES * ((A_OUTER < A_RED ? A_OUTER : A_RED) + (B_OUTER < B_RED ? B_OUTER : B_RED)),
+                "the staged output tile fits in the stages, whatever the operands' orientation");
 };
 
 template <typename T>
