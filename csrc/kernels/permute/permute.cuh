@@ -299,50 +299,64 @@ __global__ void __launch_bounds__(kOffsetsThreads)
 // sector per 8-byte offset and wrote one sector per gather / weight / row_map entry.
 constexpr int kPlaceThreads = 256;
 
-struct PlaceSmem {
-  int32_t* shift;    // [L]: the tile's count of the key, then row (or sorted index) - list position
-  int32_t* row;      // [kPermuteTile]: row of each assignment, -1 if dropped
-  float* weight;     // [kPermuteTile]: weights, read once and coalesced
-  int16_t* limit;    // [L]: list positions of the key below it are kept
-  int16_t* placed;   // [L]: next list position of the key
-  int16_t* key;      // [kPermuteTile]: key of each assignment (L: not local)
-  int16_t* list;     // [kPermuteTile]: the tile's assignments grouped by key
+// Shared memory of the kernels that stage one tile of assignments (place, one-tile): per
+// key a 32-bit and a 16-bit word whose meaning is each kernel's (it names them), and the
+// next list position; per assignment its row, weight, key and list entry.
+struct TileSmem {
+  int32_t* key_word;   // [L]: the tile's count of the key (stage_tile), then the kernel's row base
+  int32_t* row;        // [kPermuteTile]: row of each assignment, -1 if dropped
+  float* weight;       // [kPermuteTile]: weights, read once and coalesced
+  int16_t* key_half;   // [L]: the kernel's per-key list position
+  int16_t* placed;     // [L]: next list position of the key
+  int16_t* key;        // [kPermuteTile]: key of each assignment (L: not local)
+  int16_t* list;       // [kPermuteTile]: the tile's assignments grouped by key
 };
 
-__host__ __device__ inline size_t place_smem_bytes(int num_local) {
+__host__ __device__ inline size_t tile_smem_bytes(int num_local) {
   return static_cast<size_t>(num_local) * (4 + 2 + 2) + static_cast<size_t>(kPermuteTile) * (4 + 4 + 2 + 2);
 }
 
-__device__ __forceinline__ PlaceSmem place_smem(unsigned char* base, int num_local) {
-  PlaceSmem m;
-  m.shift = reinterpret_cast<int32_t*>(base);
-  m.row = m.shift + num_local;
+__device__ __forceinline__ TileSmem tile_smem(unsigned char* base, int num_local) {
+  TileSmem m;
+  m.key_word = reinterpret_cast<int32_t*>(base);
+  m.row = m.key_word + num_local;
   m.weight = reinterpret_cast<float*>(m.row + kPermuteTile);
-  m.limit = reinterpret_cast<int16_t*>(m.weight + kPermuteTile);
-  m.placed = m.limit + num_local;
+  m.key_half = reinterpret_cast<int16_t*>(m.weight + kPermuteTile);
+  m.placed = m.key_half + num_local;
   m.key = m.placed + num_local;
   m.list = m.key + kPermuteTile;
   return m;
 }
 
+// Reads the n assignments from `begin` once: each one's key (num_local: not local; ids out
+// of range are never local, so never indexed), the tile's count of each key in key_word,
+// and, with stage_weights, the weights. Every thread of the block calls it.
+__device__ __forceinline__ void stage_tile(const PermuteIndexParams& p, const TileSmem& m, int num_local,
+                                           int64_t begin, int n, bool stage_weights) {
+  for (int l = threadIdx.x; l < num_local; l += blockDim.x) m.key_word[l] = 0;
+  __syncthreads();
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const int key = local_key(p, load_id(p, begin + i));
+    m.key[i] = static_cast<int16_t>(key >= 0 ? key : num_local);
+    if (key >= 0) atomicAdd(&m.key_word[key], 1);
+    if (stage_weights) m.weight[i] = p.weights[begin + i];
+  }
+  __syncthreads();
+}
+
 __global__ void __launch_bounds__(kPlaceThreads) permute_place_kernel(PermuteIndexParams p, IndexWorkspace w) {
   __shared__ int64_t warp_totals[kPlaceThreads / 32];
   const int num_local = num_keys(p);
-  const PlaceSmem m = place_smem(dynamic_smem<unsigned char>(), num_local);
+  const TileSmem m = tile_smem(dynamic_smem<unsigned char>(), num_local);
+  // Per key: row = list position + shift, for list positions below limit.
+  int32_t* const shift = m.key_word;
+  int16_t* const limit = m.key_half;
   const int tile = blockIdx.x;
   const int64_t begin = static_cast<int64_t>(tile) * kPermuteTile;
   const int n = static_cast<int>(min(static_cast<int64_t>(kPermuteTile), p.num_tokens * p.k - begin));
   const bool select = p.drop_by_weight && p.capacity >= 0;  // the select kernel places rows
   const bool stage_weights = p.weights_out != nullptr && !select;
-  for (int l = threadIdx.x; l < num_local; l += blockDim.x) m.shift[l] = 0;
-  __syncthreads();
-  for (int i = threadIdx.x; i < n; i += blockDim.x) {
-    const int key = local_key(p, load_id(p, begin + i));
-    m.key[i] = static_cast<int16_t>(key >= 0 ? key : num_local);
-    if (key >= 0) atomicAdd(&m.shift[key], 1);
-    if (stage_weights) m.weight[i] = p.weights[begin + i];
-  }
-  __syncthreads();
+  stage_tile(p, m, num_local, begin, n, stage_weights);
   // Per key: its first list position (a scan of the tile's counts), and for list position
   // i of the key, row = i + shift (rank inside the expert: base + i - list start, base =
   // the tile's first rank from the offsets kernel) kept while i < limit (capacity, and a
@@ -350,7 +364,7 @@ __global__ void __launch_bounds__(kPlaceThreads) permute_place_kernel(PermuteInd
   int64_t listed = 0;
   for (int round = 0; round < num_local; round += kPlaceThreads) {
     const int l = round + threadIdx.x;
-    const int count = l < num_local ? m.shift[l] : 0;
+    const int count = l < num_local ? shift[l] : 0;
     int64_t round_total;
     const int64_t list_start = listed + block_exclusive_scan<kPlaceThreads>(count, warp_totals, &round_total);
     // Every key reads its base and offsets, coalesced: reading only the keys present in
@@ -358,21 +372,21 @@ __global__ void __launch_bounds__(kPlaceThreads) permute_place_kernel(PermuteInd
     // experts) for fewer distinct bytes.
     if (l < num_local) {
       const int64_t base = w.tile_counts[static_cast<int64_t>(tile) * num_local + l];
-      int64_t shift = 0, limit = kPermuteTile;
+      int64_t key_shift = 0, key_limit = kPermuteTile;
       if (select) {
-        shift = w.list_start[l] + base - list_start;
+        key_shift = w.list_start[l] + base - list_start;
       } else {
         const int s = segment_of_key(p, l);
         const int64_t start = p.offsets[s];
         int64_t keep = p.capacity < 0 ? (int64_t{1} << 62) : p.capacity;  // ranks kept
         if (p.expert_map != nullptr) keep = min(keep, p.offsets[s + 1] - start);
-        limit = min(max(keep - base + list_start, int64_t{0}), static_cast<int64_t>(kPermuteTile));
+        key_limit = min(max(keep - base + list_start, int64_t{0}), static_cast<int64_t>(kPermuteTile));
         // Rows of kept assignments are below 2^31 (the adapters refuse larger outputs);
         // a key with none kept here never uses its shift.
-        shift = limit > list_start ? start + base - list_start : 0;
+        key_shift = key_limit > list_start ? start + base - list_start : 0;
       }
-      m.shift[l] = static_cast<int32_t>(shift);
-      m.limit[l] = static_cast<int16_t>(limit);
+      shift[l] = static_cast<int32_t>(key_shift);
+      limit[l] = static_cast<int16_t>(key_limit);
       m.placed[l] = static_cast<int16_t>(list_start);
     }
     listed += round_total;
@@ -384,10 +398,10 @@ __global__ void __launch_bounds__(kPlaceThreads) permute_place_kernel(PermuteInd
     const int a = m.list[i];
     const int key = m.key[a];
     if (select) {
-      w.sorted[m.shift[key] + i] = static_cast<int32_t>(begin + a);  // the select kernel writes row_map
+      w.sorted[shift[key] + i] = static_cast<int32_t>(begin + a);  // the select kernel writes row_map
       continue;
     }
-    const int32_t row = i < m.limit[key] ? m.shift[key] + i : -1;
+    const int32_t row = i < limit[key] ? shift[key] + i : -1;
     m.row[a] = row;
     if (row >= 0) {
       p.gather[row] = (begin + a) / p.k;
@@ -420,56 +434,23 @@ __global__ void __launch_bounds__(kPlaceThreads) permute_place_kernel(PermuteInd
 //      4-byte stores over one sector each;
 //   5. the block writes row_map in assignment order.
 // Rows fit in int32: the adapters refuse outputs of 2^31 rows or more.
-struct OneTileSmem {
-  int32_t* start;       // [L]: counts, then the segment's first row (-1: no segment)
-  int32_t* row;         // [kPermuteTile]: row of each assignment, -1 if dropped
-  float* weight;        // [kPermuteTile]: weights, read once and coalesced
-  int16_t* list_start;  // [L]: start of the key in the list (<= kPermuteTile)
-  int16_t* placed;      // [L]: next list position of the key
-  int16_t* key;         // [kPermuteTile]: key of each assignment (L: not local)
-  int16_t* list;        // [kPermuteTile]: assignments grouped by key, (token, slot) order
-};
-
-__host__ __device__ inline size_t one_tile_smem_bytes(int num_local) {
-  return static_cast<size_t>(num_local) * (4 + 2 + 2) + static_cast<size_t>(kPermuteTile) * (4 + 4 + 2 + 2);
-}
-
-__device__ __forceinline__ OneTileSmem one_tile_smem(unsigned char* base, int num_local) {
-  OneTileSmem m;
-  m.start = reinterpret_cast<int32_t*>(base);
-  m.row = m.start + num_local;
-  m.weight = reinterpret_cast<float*>(m.row + kPermuteTile);
-  m.list_start = reinterpret_cast<int16_t*>(m.weight + kPermuteTile);
-  m.placed = m.list_start + num_local;
-  m.key = m.placed + num_local;
-  m.list = m.key + kPermuteTile;
-  return m;
-}
-
 __global__ void __launch_bounds__(kOffsetsThreads, 1)
     permute_index_one_tile_kernel(PermuteIndexParams p, IndexWorkspace w) {
   __shared__ int64_t warp_totals[kOffsetsThreads / 32];
   const int num_local = num_keys(p);
-  const OneTileSmem m = one_tile_smem(dynamic_smem<unsigned char>(), num_local);
+  const TileSmem m = tile_smem(dynamic_smem<unsigned char>(), num_local);
+  int32_t* const start = m.key_word;      // counts, then the segment's first row (-1: no segment)
+  int16_t* const list_start = m.key_half;  // start of the key in the list (<= kPermuteTile)
   const int n = static_cast<int>(p.num_tokens * p.k);  // <= kPermuteTile
   // Capacity with drop by weight: the select runs here too (below), on the staged list.
   const bool select = p.drop_by_weight && p.capacity >= 0;
   const bool stage_weights = p.weights_out != nullptr || select;
-  for (int l = threadIdx.x; l < num_local; l += blockDim.x) m.start[l] = 0;
-  __syncthreads();
-  for (int a = threadIdx.x; a < n; a += blockDim.x) {
-    // Out-of-range ids are never local: they are dropped, never indexed.
-    const int key = local_key(p, load_id(p, a));
-    m.key[a] = static_cast<int16_t>(key >= 0 ? key : num_local);
-    if (key >= 0) atomicAdd(&m.start[key], 1);
-    if (stage_weights) m.weight[a] = p.weights[a];
-  }
-  __syncthreads();
+  stage_tile(p, m, num_local, 0, n, stage_weights);
   const int listed = static_cast<int>(scan_experts(
-      p, m.start, warp_totals, [&](int key, int32_t list_start, int64_t row, bool exists) {
-        m.list_start[key] = static_cast<int16_t>(list_start);
-        m.placed[key] = static_cast<int16_t>(list_start);  // the only tile: rank 0 first
-        m.start[key] = exists ? static_cast<int32_t>(row) : -1;
+      p, start, warp_totals, [&](int key, int32_t key_list_start, int64_t row, bool exists) {
+        list_start[key] = static_cast<int16_t>(key_list_start);
+        m.placed[key] = static_cast<int16_t>(key_list_start);  // the only tile: rank 0 first
+        start[key] = exists ? static_cast<int32_t>(row) : -1;
       }));
   __syncthreads();  // list_start and start are visible to the block after this
 
@@ -479,12 +460,12 @@ __global__ void __launch_bounds__(kOffsetsThreads, 1)
   for (int i = threadIdx.x; i < listed; i += blockDim.x) {
     const int a = m.list[i];
     const int key = m.key[a];
-    const int key_start = m.list_start[key];
+    const int key_start = list_start[key];
     const int rank = i - key_start;
-    const int32_t start = m.start[key];  // a key without a segment (unchecked map): dropped
+    const int32_t first_row = start[key];  // a key without a segment (unchecked map): dropped
     int32_t row = -1;
-    if (start >= 0 && (p.capacity < 0 || rank < p.capacity)) row = start + rank;
-    if (select && start >= 0) {
+    if (first_row >= 0 && (p.capacity < 0 || rank < p.capacity)) row = first_row + rank;
+    if (select && first_row >= 0) {
       // The expert's list is [key_start, end) in (token, slot) order; when it holds more
       // than capacity, an assignment is kept when fewer than capacity of the list rank
       // before it by weight (larger weight key, or an equal key earlier in the list: the
@@ -511,8 +492,8 @@ __global__ void __launch_bounds__(kOffsetsThreads, 1)
   // The row of list entry i kept by weight: the segment's next after the kept before it.
   auto kept_row = [&](int key, int i) -> int32_t {
     int32_t kept_before = 0;
-    for (int j = m.list_start[key]; j < i; ++j) kept_before += m.row[m.list[j]] <= -2 ? 1 : 0;
-    return m.start[key] + kept_before;
+    for (int j = list_start[key]; j < i; ++j) kept_before += m.row[m.list[j]] <= -2 ? 1 : 0;
+    return start[key] + kept_before;
   };
   if (select) {  // gather and weights of the rows kept by weight, in list (row) order
     for (int i = threadIdx.x; i < listed; i += blockDim.x) {
@@ -929,7 +910,7 @@ void launch_permute_index(const PermuteIndexParams& p, cudaStream_t stream) {
     // Also runs with no tokens: offsets and num_rows are still written.
     launch_kernel("permute_index_one_tile_kernel", permute::permute_index_one_tile_kernel,
                   LaunchConfig{dim3(1), dim3(permute::kOffsetsThreads),
-                               permute::one_tile_smem_bytes(num_local), stream},
+                               permute::tile_smem_bytes(num_local), stream},
                   p, w);
   } else {
     launch_kernel("permute_count_kernel", permute::permute_count_kernel,
@@ -939,7 +920,7 @@ void launch_permute_index(const PermuteIndexParams& p, cudaStream_t stream) {
                   LaunchConfig{dim3(1), dim3(permute::kOffsetsThreads), counter_bytes, stream}, p, w);
     launch_kernel("permute_place_kernel", permute::permute_place_kernel,
                   LaunchConfig{dim3(w.num_tiles), dim3(permute::kPlaceThreads),
-                               permute::place_smem_bytes(num_local), stream},
+                               permute::tile_smem_bytes(num_local), stream},
                   p, w);
   }
   if (p.drop_by_weight && p.capacity >= 0 && w.num_tiles > 1) {  // one tile: selected above
