@@ -310,6 +310,21 @@ def test_bad_inputs():
         gg(x, w, offsets, config="256x256")
     with pytest.raises(ValueError, match="limit: expected a finite number"):
         gg(x, w, offsets, limit=float("inf"))
+    with pytest.raises(ValueError, match="alpha: expected a finite number"):
+        gg(x, w, offsets, alpha=float("nan"))
+    with pytest.raises(TypeError, match="gather: expected dtype"):
+        gg(x, w, offsets, gather=torch.zeros(28))
+    with pytest.raises(ValueError, match="counts: expected 3 entries"):
+        gg(x.reshape(4, 7, 64)[:3].contiguous(), w, counts=torch.tensor([1, 2]))
+    with pytest.raises(TypeError, match="counts: expected dtype"):
+        gg(x.reshape(4, 7, 64)[:3].contiguous(), w, counts=torch.ones(3))
+    with pytest.raises(ValueError, match=r"x: expected \[3, S, 64\]"):
+        gg(x, w, counts=torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="gather: applies to the contiguous layout only"):
+        gg(x.reshape(4, 7, 64)[:3].contiguous(), w, counts=torch.tensor([1, 2, 3]),
+           gather=torch.zeros(21, dtype=torch.long))
+    with pytest.raises(ValueError, match="w: expected 1 to 4096 experts"):
+        gg(x, torch.zeros(0, 64, 64, dtype=torch.bfloat16), torch.zeros(1, dtype=torch.long))
 
 
 def test_non_contiguous_and_misaligned_inputs(kernel_backend):
