@@ -7,6 +7,7 @@ namespace moe {
 void register_routing(pybind11::module_& m);
 void register_gemm(pybind11::module_& m);
 void register_permute(pybind11::module_& m);
+void register_quant(pybind11::module_& m);
 void register_emulator(pybind11::module_& m);  // simt only; a no-op in _C
 void register_testing(pybind11::module_& m);
 }  // namespace moe
@@ -21,6 +22,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   moe::register_routing(m);
   moe::register_permute(m);
   moe::register_gemm(m);
+  moe::register_quant(m);
   moe::register_emulator(m);
   moe::register_testing(m);
 }

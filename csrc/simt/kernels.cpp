@@ -3,5 +3,6 @@
 
 #include "../kernels/gemm/gemm.cu"
 #include "../kernels/permute/permute.cu"
+#include "../kernels/quant/quant.cu"
 #include "../kernels/routing/routing.cu"
 #include "../kernels/testing/testing.cu"

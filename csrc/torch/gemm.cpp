@@ -1,6 +1,7 @@
 #include "../kernels/gemm/gemm.h"
 
 #include "common.h"
+#include "quant.h"
 
 namespace moe {
 
@@ -80,24 +81,25 @@ py::dict config_dict(const GemmConfig& c) {
 
 }  // namespace
 
+// The weight operand, checked: 16-bit w, or a 4-bit weight.
+struct WeightOperand {
+  int64_t num_experts = 0, n = 0, k = 0;
+  const void* w = nullptr;
+  bool w_kn = false;
+  bool quantized = false;
+  QuantWeight qw;
+};
+
 // y = epilogue(x . w^T) per expert; also the product + bias when save_pre (for the backward).
-std::tuple<at::Tensor, std::optional<at::Tensor>> grouped_gemm(
-    const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& offsets,
-    const std::optional<at::Tensor>& counts, const std::optional<at::Tensor>& gather, bool w_kn,
+std::tuple<at::Tensor, std::optional<at::Tensor>> grouped_gemm_checked(
+    const at::Tensor& x, const WeightOperand& weight, const std::optional<at::Tensor>& offsets,
+    const std::optional<at::Tensor>& counts, const std::optional<at::Tensor>& gather,
     const std::optional<at::Tensor>& bias, int64_t activation_code, double alpha, double limit,
     const std::optional<at::Tensor>& row_scale, bool save_pre, int64_t forced_tile) {
-  check_device(x, "x");
   const DType dtype = mma_dtype(x, "x");
   check_contiguous(x, "x");
   check_aligned16(x, "x");
-  check_input(w, "w", x.scalar_type(), 3, x);
-  check_aligned16(w, "w");
-  const int64_t E = w.size(0);
-  const int64_t n = w_kn ? w.size(2) : w.size(1);
-  const int64_t k = w_kn ? w.size(1) : w.size(2);
-  MOE_CHECK_VALUE(E >= 1 && E <= kMaxExperts, "w", "expected 1 to ", kMaxExperts, " experts, got shape ", w.sizes());
-  MOE_CHECK_VALUE(n % 8 == 0 && k % 8 == 0 && n > 0 && k > 0, "w",
-                  "expected N and K positive multiples of 8, got shape ", w.sizes());
+  const int64_t E = weight.num_experts, n = weight.n, k = weight.k;
   const Activation activation = activation_of(activation_code);
   const bool masked = counts.has_value();
   int64_t m, x_rows, S = 0;
@@ -142,8 +144,10 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> grouped_gemm(
   p.x = x.data_ptr();
   p.dtype = dtype;
   p.x_rows = x_rows;
-  p.w = w.data_ptr();
-  p.w_kn = w_kn;
+  p.w = weight.w;
+  p.w_kn = weight.w_kn;
+  p.quantized = weight.quantized;
+  p.qw = weight.qw;
   p.num_experts = static_cast<int>(E);
   p.n = n;
   p.k = k;
@@ -161,6 +165,55 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> grouped_gemm(
   p.forced_tile = static_cast<int>(forced_tile);
   launch_grouped_gemm(p, current_stream(x));
   return {y, pre};
+}
+
+std::tuple<at::Tensor, std::optional<at::Tensor>> grouped_gemm(
+    const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& offsets,
+    const std::optional<at::Tensor>& counts, const std::optional<at::Tensor>& gather, bool w_kn,
+    const std::optional<at::Tensor>& bias, int64_t activation_code, double alpha, double limit,
+    const std::optional<at::Tensor>& row_scale, bool save_pre, int64_t forced_tile) {
+  check_device(x, "x");
+  mma_dtype(x, "x");
+  check_input(w, "w", x.scalar_type(), 3, x);
+  check_aligned16(w, "w");
+  WeightOperand weight;
+  weight.num_experts = w.size(0);
+  weight.n = w_kn ? w.size(2) : w.size(1);
+  weight.k = w_kn ? w.size(1) : w.size(2);
+  MOE_CHECK_VALUE(weight.num_experts >= 1 && weight.num_experts <= kMaxExperts, "w", "expected 1 to ", kMaxExperts,
+                  " experts, got shape ", w.sizes());
+  MOE_CHECK_VALUE(weight.n % 8 == 0 && weight.k % 8 == 0 && weight.n > 0 && weight.k > 0, "w",
+                  "expected N and K positive multiples of 8, got shape ", w.sizes());
+  weight.w = w.data_ptr();
+  weight.w_kn = w_kn;
+  return grouped_gemm_checked(x, weight, offsets, counts, gather, bias, activation_code, alpha, limit, row_scale,
+                              save_pre, forced_tile);
+}
+
+// The same with a 4-bit weight (codes [E, N, K / 2], scales and zeros [E, G, N]).
+std::tuple<at::Tensor, std::optional<at::Tensor>> grouped_gemm_q4(
+    const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
+    int64_t format, int64_t group_size, const std::optional<at::Tensor>& offsets,
+    const std::optional<at::Tensor>& counts, const std::optional<at::Tensor>& gather,
+    const std::optional<at::Tensor>& bias, int64_t activation_code, double alpha, double limit,
+    const std::optional<at::Tensor>& row_scale, bool save_pre, int64_t forced_tile) {
+  check_device(x, "x");
+  mma_dtype(x, "x");
+  check_same_device(codes, x, "codes");
+  const CheckedQuantWeight q = check_quant_weight(codes, scales, zeros, format, group_size);
+  MOE_CHECK_VALUE(q.num_experts <= kMaxExperts, "codes", "expected 1 to ", kMaxExperts, " experts, got shape ",
+                  codes.sizes());
+  MOE_CHECK_VALUE(q.n % 8 == 0 && q.k % 32 == 0, "codes", "expected N a multiple of 8 and K of 32, got N = ", q.n,
+                  ", K = ", q.k);
+  MOE_CHECK_VALUE(group_size >= 32, "group_size", "expected at least 32, got ", group_size);
+  WeightOperand weight;
+  weight.num_experts = q.num_experts;
+  weight.n = q.n;
+  weight.k = q.k;
+  weight.quantized = true;
+  weight.qw = q.w;
+  return grouped_gemm_checked(x, weight, offsets, counts, gather, bias, activation_code, alpha, limit, row_scale,
+                              save_pre, forced_tile);
 }
 
 // out[e] = p_e^T q_e over expert e's rows (the weight gradient).
@@ -322,6 +375,10 @@ void register_gemm(pybind11::module_& m) {
         py::arg("offsets"), py::arg("counts"), py::arg("gather"), py::arg("w_kn"), py::arg("bias"),
         py::arg("activation"), py::arg("alpha"), py::arg("limit"), py::arg("row_scale"), py::arg("save_pre"),
         py::arg("forced_tile"));
+  m.def("grouped_gemm_q4", &grouped_gemm_q4, "Grouped expert GEMM with 4-bit weights (W4A16)", py::arg("x"),
+        py::arg("codes"), py::arg("scales"), py::arg("zeros"), py::arg("format"), py::arg("group_size"),
+        py::arg("offsets"), py::arg("counts"), py::arg("gather"), py::arg("bias"), py::arg("activation"),
+        py::arg("alpha"), py::arg("limit"), py::arg("row_scale"), py::arg("save_pre"), py::arg("forced_tile"));
   m.def("grouped_gemm_wgrad", &grouped_gemm_wgrad, "Per-expert p^T q over each expert's rows", py::arg("p"),
         py::arg("p_gather"), py::arg("q"), py::arg("q_gather"), py::arg("num_experts"), py::arg("offsets"),
         py::arg("counts"), py::arg("rows_per_expert"), py::arg("m"));

@@ -21,6 +21,7 @@
 #include "../common/dtype.h"
 #include "../common/limits.h"
 #include "../common/stream.h"
+#include "../quant/quant.h"
 
 // Functions of this plain header that kernels call too.
 #if defined(__CUDACC__)
@@ -88,6 +89,11 @@ struct GroupedGemmParams {
   int64_t x_rows = 0;
   const void* w = nullptr;          // [E, n, k] ("nk") or [E, k, n] (w_kn)
   bool w_kn = false;
+  // 4-bit weights (W4A16) instead of w: [E, n, k] in the layout of quant/quant.h, k a
+  // multiple of 32. Dequantized in registers in the main loop, each value rounded to dtype
+  // as dequantize rounds it, so the product is that of the dequantized weight.
+  bool quantized = false;
+  QuantWeight qw;
   int num_experts = 0;
   int64_t n = 0;                    // columns of the product (before a gated activation halves them)
   int64_t k = 0;

@@ -79,8 +79,14 @@ __device__ __forceinline__ int64_t weight_row(int n_local, int64_t n_tile, int64
   return out + (within >= Tr::WTN / 2 ? n / 2 : 0);
 }
 
-template <typename T, class Tr, bool W_KN>
+// The weight operand: [E, N, K] or [E, K, N] 16-bit values, or 4-bit codes ([E, N, K / 2],
+// with group-major scales and zero points: quant/quant.h).
+enum class WeightKind { nk, kn, q4 };
+
+template <typename T, class Tr, WeightKind WK>
 __global__ void __launch_bounds__(Tr::THREADS, Tr::MIN_BLOCKS) grouped_gemm_kernel(GroupedGemmParams p) {
+  constexpr bool W_KN = WK == WeightKind::kn;
+  constexpr bool Q4 = WK == WeightKind::q4;
   T* smem = dynamic_smem<T>();
   const int32_t* tile_start = static_cast<const int32_t*>(p.workspace);
   const ExpertRows rows{p.rows};
@@ -108,6 +114,20 @@ __global__ void __launch_bounds__(Tr::THREADS, Tr::MIN_BLOCKS) grouped_gemm_kern
   static_assert(A_COPIES * Tr::THREADS == Tr::BM * CPR_K, "A tile copies split evenly over the threads");
   static_assert(B_COPIES * Tr::THREADS == (W_KN ? Tr::BK * CPR_N : Tr::BN * CPR_K),
                 "B tile copies split evenly over the threads");
+  // 4-bit weights: 16-byte chunks of codes (32 of K), CPR_Q per row of the [BN][BK / 2] tile;
+  // the scales of a group: BN / 8 pieces of 8 outputs (16 bytes of bf16/f16 scales, 8 of
+  // e8m0), copied by the first BN / 8 threads, zero points (8 bytes a piece) by the next.
+  constexpr int CPR_Q = Tr::BK / 32;
+  constexpr int Q_COPIES = (Tr::BN * CPR_Q + Tr::THREADS - 1) / Tr::THREADS;
+  static_assert(!Q4 || (Tr::BK % 32 == 0 && Tr::BN / 4 <= Tr::THREADS), "4-bit tiles");
+  uint8_t* ring_scales = reinterpret_cast<uint8_t*>(smem + Tr::STAGES * (Tr::A_OUTER + Tr::B_Q4));
+  uint8_t* ring_zeros = ring_scales + Tr::SCALE_SLOTS * Tr::BN * 2;
+  const QuantWeight& qw = p.qw;
+  const int64_t q_groups = Q4 ? p.k / qw.group_size : 0;
+  const int scale_size = Q4 ? scale_bytes(qw.scale_type) : 0;
+  // A piece of 8 outputs' scales is 8 consecutive outputs of w (the gated-halves
+  // arrangement keeps runs of WTN / 2 >= 8) unless the up half starts inside one.
+  const bool whole_pieces = !halves || (p.n / 2) % 8 == 0;
 
   for (int64_t t = blockIdx.x; t < total; t += gridDim.x) {
     const int32_t m_tile = static_cast<int32_t>(t / n_tiles);
@@ -117,7 +137,7 @@ __global__ void __launch_bounds__(Tr::THREADS, Tr::MIN_BLOCKS) grouped_gemm_kern
     const int64_t row0 = range.begin + static_cast<int64_t>(m_tile - tile_start[e]) * Tr::BM;
     const int64_t left = range.begin + range.count - row0;
     const int tile_rows = left < Tr::BM ? static_cast<int>(left) : Tr::BM;
-    const T* w_e = w + static_cast<int64_t>(e) * p.n * p.k;
+    const T* w_e = Q4 ? nullptr : w + static_cast<int64_t>(e) * p.n * p.k;
 
     // Each thread's A rows and B rows (or columns) are fixed for the whole tile.
     const T* a_src[A_COPIES];
@@ -143,7 +163,11 @@ __global__ void __launch_bounds__(Tr::THREADS, Tr::MIN_BLOCKS) grouped_gemm_kern
 #pragma unroll
     for (int c = 0; c < B_POINTERS; ++c) {
       const int idx = threadIdx.x + c * Tr::THREADS;
-      bool valid;
+      bool valid = false;
+      if constexpr (Q4) {
+        b_src[c] = nullptr, b_chunk[c] = 0;
+        continue;
+      }
       if constexpr (W_KN) {
         const int64_t n_col = weight_row<Tr>((idx % CPR_N) * Tr::CHUNK, n_tile, p.n, halves, valid);
         b_src[c] = valid ? w_e + n_col : nullptr;
@@ -155,6 +179,43 @@ __global__ void __launch_bounds__(Tr::THREADS, Tr::MIN_BLOCKS) grouped_gemm_kern
       }
     }
 
+    // 4-bit weights: each thread's code rows, and its piece of the scales (or zero points).
+    const uint8_t* q_src[Q_COPIES];
+#pragma unroll
+    for (int c = 0; c < Q_COPIES; ++c) {
+      const int idx = threadIdx.x + c * Tr::THREADS;
+      bool valid = false;
+      const int64_t n_row = Q4 && idx < Tr::BN * CPR_Q ? weight_row<Tr>(idx / CPR_Q, n_tile, p.n, halves, valid) : 0;
+      q_src[c] = valid ? qw.codes + (static_cast<int64_t>(e) * p.n + n_row) * (p.k / 2) : nullptr;
+    }
+    const bool copies_scales = Q4 && threadIdx.x < Tr::BN / 4 && (threadIdx.x < Tr::BN / 8 || qw.zeros != nullptr);
+    const bool copies_zeros = threadIdx.x >= Tr::BN / 8;
+    const int piece = threadIdx.x % (Tr::BN / 8) * 8;  // first local output of the piece
+    bool piece_valid = false;
+    const int64_t piece_col = copies_scales ? weight_row<Tr>(piece, n_tile, p.n, halves, piece_valid) : 0;
+    // Copies group g's piece into ring slot g % SCALE_SLOTS.
+    auto load_group = [&](int64_t g) {
+      const int slot = static_cast<int>(g % Tr::SCALE_SLOTS);
+      const int64_t at = (static_cast<int64_t>(e) * q_groups + g) * p.n;  // the group's first output
+      const int size = copies_zeros ? 1 : scale_size;
+      const uint8_t* src = copies_zeros ? qw.zeros + at : static_cast<const uint8_t*>(qw.scales) + at * size;
+      uint8_t* dst = (copies_zeros ? ring_zeros : ring_scales) + (slot * Tr::BN + piece) * size;
+      if (whole_pieces) {
+        const uint8_t* piece_src = piece_valid ? src + piece_col * size : nullptr;
+        if (size == 2) {
+          copy_chunk(dst, piece_src, src);
+        } else {
+          copy_half_chunk(dst, piece_src, src);
+        }
+      } else {  // the piece straddles the gate and up halves: one output at a time
+        for (int i = 0; i < 8; ++i) {
+          bool valid;
+          const int64_t col = weight_row<Tr>(piece + i, n_tile, p.n, halves, valid);
+          for (int b = 0; b < size; ++b) dst[i * size + b] = valid ? src[col * size + b] : 0;
+        }
+      }
+    };
+
     auto load_stage = [&](T* sa, T* sb, int step) {
       const int64_t k0 = static_cast<int64_t>(step) * Tr::BK;
 #pragma unroll
@@ -163,6 +224,25 @@ __global__ void __launch_bounds__(Tr::THREADS, Tr::MIN_BLOCKS) grouped_gemm_kern
         const int64_t kc = k0 + a_chunk[c] * Tr::CHUNK;
         copy_chunk(sa + (idx / CPR_K) * (Tr::BK + Tr::PAD) + a_chunk[c] * Tr::CHUNK,
                    a_src[c] != nullptr && kc < p.k ? a_src[c] + kc : nullptr, x);
+      }
+      if constexpr (Q4) {
+        uint8_t* sq = reinterpret_cast<uint8_t*>(sb);
+#pragma unroll
+        for (int c = 0; c < Q_COPIES; ++c) {
+          const int idx = threadIdx.x + c * Tr::THREADS;
+          if (Q_COPIES * Tr::THREADS > Tr::BN * CPR_Q && idx >= Tr::BN * CPR_Q) break;
+          const int64_t kc = k0 + (idx % CPR_Q) * 32;
+          copy_chunk(sq + (idx / CPR_Q) * Tr::Q4_ROW_BYTES + (idx % CPR_Q) * 16,
+                     q_src[c] != nullptr && kc < p.k ? q_src[c] + kc / 2 : nullptr, qw.codes);
+        }
+        // The groups that start in this step.
+        if (copies_scales) {
+          for (int64_t g = (k0 + qw.group_size - 1) / qw.group_size; g * qw.group_size < k0 + Tr::BK &&
+                                                                     g * qw.group_size < p.k; ++g) {
+            load_group(g);
+          }
+        }
+        return;
       }
 #pragma unroll
       for (int c = 0; c < B_COPIES; ++c) {
@@ -192,7 +272,15 @@ __global__ void __launch_bounds__(Tr::THREADS, Tr::MIN_BLOCKS) grouped_gemm_kern
 
     Accumulators<Tr> acc;
     acc.zero();
-    pipelined_mma<Tr, T, false, W_KN>(acc, smem, num_steps, warp_m, warp_n, load_stage);
+    if constexpr (Q4) {
+      pipelined_mma<Tr, Tr::A_OUTER, Tr::A_OUTER + Tr::B_Q4>(
+          smem, num_steps, load_stage, [&](const T* a, const T* b, int step) {
+            warp_mma_stage_q4<Tr, T>(acc, a, reinterpret_cast<const uint8_t*>(b), ring_scales, ring_zeros, qw,
+                                     static_cast<int64_t>(step) * Tr::BK, p.k, warp_m, warp_n);
+          });
+    } else {
+      pipelined_mma<Tr, T, false, W_KN>(acc, smem, num_steps, warp_m, warp_n, load_stage);
+    }
 
     // Epilogue. Lane (g, t4) holds rows g and g + 8 of each m16 tile, columns 2 t4 and
     // 2 t4 + 1 of each n8 tile (mma.cuh). The outputs go through shared memory, [BM][BN + 8]
@@ -281,25 +369,28 @@ __global__ void __launch_bounds__(Tr::THREADS, Tr::MIN_BLOCKS) grouped_gemm_kern
   });
 }
 
-template <typename T, class Tr, bool W_KN>
+template <typename T, class Tr, WeightKind WK>
 void launch_tile(const GroupedGemmParams& p, GemmConfig& config, cudaStream_t stream) {
   const bool gated = activation_is_gated(p.activation);
   const int64_t n_out = gated ? p.n / 2 : p.n;
   const int out_per_tile = gated ? Tr::BN / 2 : Tr::BN;
   const int64_t n_tiles = (n_out + out_per_tile - 1) / out_per_tile;
   config.grid = persistent_grid(p.num_sms, max_tiles(config, p.rows.m, n_tiles, p.num_experts));
-  constexpr size_t smem = Tr::template smem_bytes<false, W_KN>();
+  constexpr size_t smem = WK == WeightKind::q4 ? Tr::smem_bytes_q4()
+                                               : Tr::template smem_bytes<false, WK == WeightKind::kn>();
   LaunchConfig cfg{dim3(config.grid), dim3(Tr::THREADS), smem, stream};
-  launch_kernel("grouped_gemm_kernel", grouped_gemm_kernel<T, Tr, W_KN>, cfg, p);
+  launch_kernel("grouped_gemm_kernel", grouped_gemm_kernel<T, Tr, WK>, cfg, p);
 }
 
 template <typename T, class Tr>
 void launch_layout(const GroupedGemmParams& p, GemmConfig& config, cudaStream_t stream) {
   static_assert(sizeof(T) == 2, "tensor-core operands are 16-bit");
-  if (p.w_kn) {
-    launch_tile<T, Tr, true>(p, config, stream);
+  if (p.quantized) {
+    launch_tile<T, Tr, WeightKind::q4>(p, config, stream);
+  } else if (p.w_kn) {
+    launch_tile<T, Tr, WeightKind::kn>(p, config, stream);
   } else {
-    launch_tile<T, Tr, false>(p, config, stream);
+    launch_tile<T, Tr, WeightKind::nk>(p, config, stream);
   }
 }
 
@@ -335,6 +426,10 @@ GemmConfig launch_grouped_gemm(const GroupedGemmParams& params, cudaStream_t str
     throw std::invalid_argument("grouped_gemm: n and k must be positive multiples of 8");
   }
   if (p.dtype != DType::bf16 && p.dtype != DType::f16) throw std::invalid_argument("grouped_gemm: bf16 or f16 only");
+  if (p.quantized && (p.w_kn || p.k % 32 != 0 || p.qw.group_size < 32 || p.k % p.qw.group_size != 0 ||
+                      (p.qw.group_size % 32 != 0 && p.qw.group_size != p.k))) {
+    throw std::invalid_argument("grouped_gemm: 4-bit weights need K a multiple of 32 and of the group size");
+  }
   if (p.arch == 0 || p.num_sms == 0) {
     const DeviceProperties device = current_device_properties();
     if (p.arch == 0) p.arch = device.arch;

@@ -22,6 +22,7 @@
 #include "../common/ldmatrix.cuh"
 #include "../common/memory.cuh"
 #include "../common/mma.cuh"
+#include "../quant/codes.cuh"
 
 namespace moe {
 namespace gemm {
@@ -61,11 +62,24 @@ struct TileTraits {
   __host__ __device__ static constexpr int smem_bytes() {
     return STAGES * stage_elems<A_REDUCTION_MAJOR, B_REDUCTION_MAJOR>() * 2;
   }
+  // 4-bit weights (W4A16): B is [BN][BK / 2] bytes of packed codes, each row padded to an
+  // odd number of 16-byte units so that the 8 rows a warp's 8-byte reads touch fall in
+  // distinct banks (warp_mma_stage_q4).
+  static constexpr int Q4_ROW_BYTES = (BK / 2) % 32 == 0 ? BK / 2 + 16 : BK / 2;
+  static constexpr int B_Q4 = BN * Q4_ROW_BYTES / 2;  // in 16-bit elements
+  // The scales (and zero points) of the groups in flight, one ring slot per group: the
+  // steps in flight start at most STAGES * BK / 32 groups (groups span >= 32 of K), plus
+  // the group continuing into the oldest one.
+  static constexpr int SCALE_SLOTS = STAGES * (BK / 32) + 1;
+  __host__ __device__ static constexpr int smem_bytes_q4() {
+    return STAGES * (A_OUTER + B_Q4) * 2 + SCALE_SLOTS * BN * 3;  // + 2-byte scales, 1-byte zeros
+  }
   // The epilogue stages the BM x BN output tile over the idle stages, rows padded as above
   // (store_staged_tile).
   static constexpr int OUT_STRIDE = BN + PAD;
   static_assert(BM * OUT_STRIDE <= STAGES * ((A_OUTER < A_RED ? A_OUTER : A_RED) + (B_OUTER < B_RED ? B_OUTER : B_RED)),
                 "the staged output tile fits in the stages, whatever the operands' orientation");
+  static_assert(BM * OUT_STRIDE <= STAGES * (A_OUTER + B_Q4), "... and with 4-bit weights");
 };
 
 template <typename T>
@@ -129,6 +143,24 @@ struct Accumulators {
   }
 };
 
+// The warp's A fragments of the k16 slice at `kk` of a stage's A tile.
+template <class Tr, typename T, bool A_RED>
+__device__ __forceinline__ void load_a_fragments(MmaFragA (&fa)[Tr::MI], const T* a, int kk, int warp_m) {
+  const int lane = threadIdx.x % 32;
+  const int q = lane / 8, r = lane % 8;  // the 8x8 matrix this lane addresses, and its row
+#pragma unroll
+  for (int i = 0; i < Tr::MI; ++i) {
+    const int m0 = warp_m * Tr::WTM + i * 16;
+    // Matrices 0..3 of .x4 are A's registers 0..3: (m 0-7, k 0-7), (m 8-15, k 0-7),
+    // (m 0-7, k 8-15), (m 8-15, k 8-15).
+    if constexpr (A_RED) {
+      ldmatrix_x4_trans(fa[i].reg, a + (kk + (q / 2) * 8 + r) * (Tr::BM + Tr::PAD) + m0 + (q % 2) * 8);
+    } else {
+      ldmatrix_x4(fa[i].reg, a + (m0 + lane % 16) * (Tr::BK + Tr::PAD) + kk + (lane / 16) * 8);
+    }
+  }
+}
+
 // One BK-deep step of the warp's math on a stage in shared memory. `a` and `b` point at the
 // stage's A and B tiles; (warp_m, warp_n) is the warp's position in the block tile.
 template <class Tr, typename T, bool A_RED, bool B_RED>
@@ -140,17 +172,7 @@ __device__ __forceinline__ void warp_mma_stage(Accumulators<Tr>& acc, const T* a
   for (int kk = 0; kk < Tr::BK; kk += 16) {
     MmaFragA fa[Tr::MI];
     MmaFragB fb[Tr::NI];
-#pragma unroll
-    for (int i = 0; i < Tr::MI; ++i) {
-      const int m0 = warp_m * Tr::WTM + i * 16;
-      // Matrices 0..3 of .x4 are A's registers 0..3: (m 0-7, k 0-7), (m 8-15, k 0-7),
-      // (m 0-7, k 8-15), (m 8-15, k 8-15).
-      if constexpr (A_RED) {
-        ldmatrix_x4_trans(fa[i].reg, a + (kk + (q / 2) * 8 + r) * (Tr::BM + Tr::PAD) + m0 + (q % 2) * 8);
-      } else {
-        ldmatrix_x4(fa[i].reg, a + (m0 + lane % 16) * (Tr::BK + Tr::PAD) + kk + (lane / 16) * 8);
-      }
-    }
+    load_a_fragments<Tr, T, A_RED>(fa, a, kk, warp_m);
 #pragma unroll
     for (int j = 0; j < Tr::NI; j += 2) {
       const int n0 = warp_n * Tr::WTN + j * 8;
@@ -174,18 +196,75 @@ __device__ __forceinline__ void warp_mma_stage(Accumulators<Tr>& acc, const T* a
   }
 }
 
-// The pipelined reduction: `load_stage(stage_a, stage_b, step)` issues the cp.async copies
-// of reduction step `step` into one stage's tiles (every thread its share); the copies of
-// step s + STAGES - 1 are in flight while step s is computed. Every thread of the block
-// calls it. Leaves no copy in flight; the caller puts a barrier between this and any
-// later write to the stages (the next tile's prologue).
-template <class Tr, typename T, bool A_RED, bool B_RED, class LoadStage>
-__device__ __forceinline__ void pipelined_mma(Accumulators<Tr>& acc, T* smem, int num_steps,
-                                              int warp_m, int warp_n, LoadStage load_stage) {
-  constexpr int A_ELEMS = A_RED ? Tr::A_RED : Tr::A_OUTER;
-  constexpr int STAGE = Tr::template stage_elems<A_RED, B_RED>();
-  auto stage_a = [&](int s) { return smem + s * STAGE; };
-  auto stage_b = [&](int s) { return smem + s * STAGE + A_ELEMS; };
+// Two values rounded to T, packed as one .b32 fragment register (the first in the low half).
+template <typename T>
+__device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
+  union {
+    uint32_t bits;
+    T elems[2];
+  } v;
+  v.elems[0] = from_float<T>(lo);
+  v.elems[1] = from_float<T>(hi);
+  return v.bits;
+}
+
+// One BK-deep step of the warp's math with 4-bit weights: A fragments by ldmatrix as in
+// warp_mma_stage, B fragments built in registers from the codes. Lane (g, t4) of an n8
+// tile needs B[k = 2 t4, 2 t4 + 1][n = g] (register 0) and the same 8 k later (register 1):
+// with two codes a byte along K, that is byte t4 and byte 4 + t4 of row g's 8 bytes of the
+// k16 slice, read as one 8-byte load. Each value is dequantized in fp32 (exact) and
+// rounded to T once, as `dequantize` rounds it. A k16 slice lies in one group (groups
+// span a multiple of 32); its scales sit in ring slot group % SCALE_SLOTS, raw bits
+// (2 bytes a scale, or 1 for e8m0), zero points likewise. Slices at or past k (a last,
+// partial step) are skipped.
+template <class Tr, typename T>
+__device__ __forceinline__ void warp_mma_stage_q4(Accumulators<Tr>& acc, const T* a, const uint8_t* codes,
+                                                  const uint8_t* ring_scales, const uint8_t* ring_zeros,
+                                                  const QuantWeight& qw, int64_t k0, int64_t k, int warp_m,
+                                                  int warp_n) {
+  const int lane = threadIdx.x % 32;
+  const int g = lane / 4, t4 = lane % 4;
+  const bool e8m0 = qw.scale_type == ScaleType::e8m0;
+#pragma unroll
+  for (int kk = 0; kk < Tr::BK; kk += 16) {
+    if (k0 + kk >= k) break;
+    MmaFragA fa[Tr::MI];
+    MmaFragB fb[Tr::NI];
+    load_a_fragments<Tr, T, false>(fa, a, kk, warp_m);
+    const int slot = static_cast<int>(((k0 + kk) / qw.group_size) % Tr::SCALE_SLOTS);
+#pragma unroll
+    for (int j = 0; j < Tr::NI; ++j) {
+      const int n_local = warp_n * Tr::WTN + j * 8 + g;
+      const int at = slot * Tr::BN + n_local;
+      const uint32_t raw = e8m0 ? ring_scales[at] : reinterpret_cast<const uint16_t*>(ring_scales)[at];
+      const float scale = quant::scale_value(raw, qw.scale_type);
+      const int zero = qw.zeros != nullptr ? ring_zeros[at] : 8;
+      const uint2 bytes = *reinterpret_cast<const uint2*>(codes + n_local * Tr::Q4_ROW_BYTES + kk / 2);
+      const uint32_t lo = (bytes.x >> (8 * t4)) & 0xffu, hi = (bytes.y >> (8 * t4)) & 0xffu;
+      fb[j].reg[0] = pack_pair<T>(quant::code_value(lo & 15u, qw.format, scale, zero),
+                                  quant::code_value(lo >> 4, qw.format, scale, zero));
+      fb[j].reg[1] = pack_pair<T>(quant::code_value(hi & 15u, qw.format, scale, zero),
+                                  quant::code_value(hi >> 4, qw.format, scale, zero));
+    }
+#pragma unroll
+    for (int i = 0; i < Tr::MI; ++i)
+#pragma unroll
+      for (int j = 0; j < Tr::NI; ++j) mma_m16n8k16<T>(acc.c[i][j], fa[i], fb[j]);
+  }
+}
+
+// The pipelined reduction over one stage layout (A_ELEMS elements of A, then B, per
+// STAGE_ELEMS-element stage): `load_stage(stage_a, stage_b, step)` issues the cp.async
+// copies of reduction step `step` into one stage (every thread its share), and
+// `compute_stage(stage_a, stage_b, step)` does the warp's math on it; the copies of step
+// s + STAGES - 1 are in flight while step s is computed. Every thread of the block calls
+// it. Leaves no copy in flight; the caller puts a barrier between this and any later
+// write to the stages (the next tile's prologue).
+template <class Tr, int A_ELEMS, int STAGE_ELEMS, typename T, class LoadStage, class ComputeStage>
+__device__ __forceinline__ void pipelined_mma(T* smem, int num_steps, LoadStage load_stage,
+                                              ComputeStage compute_stage) {
+  auto stage_a = [&](int s) { return smem + s * STAGE_ELEMS; };
+  auto stage_b = [&](int s) { return smem + s * STAGE_ELEMS + A_ELEMS; };
 #pragma unroll
   for (int s = 0; s < Tr::STAGES - 1; ++s) {
     if (s < num_steps) load_stage(stage_a(s), stage_b(s), s);
@@ -199,9 +278,20 @@ __device__ __forceinline__ void pipelined_mma(Accumulators<Tr>& acc, T* smem, in
     if (next < num_steps) load_stage(stage_a(next % Tr::STAGES), stage_b(next % Tr::STAGES), next);
     cp_async_commit_group();
     const int s = step % Tr::STAGES;
-    warp_mma_stage<Tr, T, A_RED, B_RED>(acc, stage_a(s), stage_b(s), warp_m, warp_n);
+    compute_stage(stage_a(s), stage_b(s), step);
   }
   cp_async_wait_all();
+}
+
+// The same with both operands 16-bit tiles in the given orientations (ldmatrix fragments).
+template <class Tr, typename T, bool A_RED, bool B_RED, class LoadStage>
+__device__ __forceinline__ void pipelined_mma(Accumulators<Tr>& acc, T* smem, int num_steps,
+                                              int warp_m, int warp_n, LoadStage load_stage) {
+  constexpr int A_ELEMS = A_RED ? Tr::A_RED : Tr::A_OUTER;
+  pipelined_mma<Tr, A_ELEMS, Tr::template stage_elems<A_RED, B_RED>()>(
+      smem, num_steps, load_stage, [&](const T* a, const T* b, int) {
+        warp_mma_stage<Tr, T, A_RED, B_RED>(acc, a, b, warp_m, warp_n);
+      });
 }
 
 }  // namespace gemm

@@ -1,0 +1,2 @@
+#include "dequantize.cuh"
+#include "quantize.cuh"
