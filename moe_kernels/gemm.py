@@ -11,6 +11,8 @@ from ._backend import native_module, selected_backend
 from ._checks import check_choice, check_number, check_same_device, check_tensor
 from ._library import absent, native_call, register_op
 from ._limits import MAX_EXPERTS
+from .quant import ops as quant_ops
+from .quant.weight import QuantizedWeight
 
 # Codes of the kernels' Activation enum (csrc/kernels/gemm/gemm.h).
 _ACTIVATION_CODE = {name: code for code, name in enumerate(ACTIVATIONS)}
@@ -102,24 +104,39 @@ def _check_index_tensor(t, name, size, ref, ref_name):
     return t.contiguous()
 
 
-def _check_args(x, w, offsets, counts, gather, w_layout, bias, activation, alpha, limit, row_scale):
+def _weight_shape(x, w, w_layout):
+    """(E, N, K) of the weight operand, checked: a 16-bit tensor or a QuantizedWeight."""
     check_tensor(x, "x", dtypes=MMA_DTYPES, contiguous=False)
-    check_tensor(w, "w", dtypes=MMA_DTYPES, dim=3, contiguous=False)
-    check_same_device(w, "w", x, "x")
-    if w.dtype != x.dtype:
-        raise TypeError(f"w: expected the dtype of x ({str(x.dtype).replace('torch.', '')}), got "
-                        f"{str(w.dtype).replace('torch.', '')}")
     check_choice(w_layout, "w_layout", W_LAYOUTS)
+    if isinstance(w, QuantizedWeight):
+        if w_layout != "nk":
+            raise ValueError("w_layout: a QuantizedWeight is [E, N, K] (w_layout='nk')")
+        if w.device != x.device:
+            raise ValueError(f"w: expected the device of x ({x.device}), got {w.device}")
+        num_experts, n, k = (1, *w.shape) if w.num_experts is None else w.shape
+        if n % 8:
+            raise ValueError(f"w: expected N a multiple of 8, got shape {w.shape}")
+    else:
+        check_tensor(w, "w", dtypes=MMA_DTYPES, dim=3, contiguous=False)
+        check_same_device(w, "w", x, "x")
+        if w.dtype != x.dtype:
+            raise TypeError(f"w: expected the dtype of x ({str(x.dtype).replace('torch.', '')}), got "
+                            f"{str(w.dtype).replace('torch.', '')}")
+        num_experts = w.shape[0]
+        n, k = (w.shape[1], w.shape[2]) if w_layout == "nk" else (w.shape[2], w.shape[1])
+        if n % 8 or k % 8 or n == 0 or k == 0:
+            raise ValueError(f"w: expected N and K positive multiples of 8 (16-byte rows), got N={n}, K={k} "
+                             f"(w_layout={w_layout!r}, shape {tuple(w.shape)})")
+    if not 1 <= num_experts <= MAX_EXPERTS:
+        raise ValueError(f"w: expected 1 to {MAX_EXPERTS} experts, got shape {tuple(w.shape)}")
+    return num_experts, n, k
+
+
+def _check_args(x, w, offsets, counts, gather, w_layout, bias, activation, alpha, limit, row_scale):
+    num_experts, n, k = _weight_shape(x, w, w_layout)
     _check_activation(activation)
     alpha = check_number(alpha, "alpha")
     limit = check_number(limit, "limit")
-    num_experts = w.shape[0]
-    n, k = (w.shape[1], w.shape[2]) if w_layout == "nk" else (w.shape[2], w.shape[1])
-    if not 1 <= num_experts <= MAX_EXPERTS:
-        raise ValueError(f"w: expected 1 to {MAX_EXPERTS} experts, got shape {tuple(w.shape)}")
-    if n % 8 or k % 8 or n == 0 or k == 0:
-        raise ValueError(f"w: expected N and K positive multiples of 8 (16-byte rows), got N={n}, K={k} "
-                         f"(w_layout={w_layout!r}, shape {tuple(w.shape)})")
     if (offsets is None) == (counts is None):
         raise ValueError("offsets: expected exactly one of offsets (contiguous layout) and counts "
                          "(masked layout)")
@@ -200,6 +217,20 @@ def _fake_wgrad(backend, p, p_gather, q, q_gather, num_experts, offsets, counts,
     return p.new_empty((num_experts, p.shape[1], q.shape[1]))
 
 
+def _fake_grouped_gemm_q4(backend, x, codes, scales, zeros, format, group_size, offsets, counts, gather, bias,
+                          activation, alpha, limit, row_scale, save_pre, forced_tile):
+    w_shape = codes.new_empty((codes.shape[0], codes.shape[1], 2 * codes.shape[2]))
+    return _fake_grouped_gemm(backend, x, w_shape, offsets, counts, gather, False, bias, activation, alpha,
+                              limit, row_scale, save_pre, forced_tile)
+
+
+register_op("grouped_gemm_q4",
+            "(str backend, Tensor x, Tensor codes, Tensor scales, Tensor? zeros, int format, int group_size, "
+            "Tensor? offsets, Tensor? counts, Tensor? gather, Tensor? bias, int activation, float alpha, "
+            "float limit, Tensor? row_scale, bool save_pre, int forced_tile) -> (Tensor, Tensor)",
+            _fake_grouped_gemm_q4)
+
+
 register_op("grouped_gemm_wgrad",
             "(str backend, Tensor p, Tensor? p_gather, Tensor q, Tensor? q_gather, int num_experts, "
             "Tensor? offsets, Tensor? counts, int rows_per_expert, int m) -> Tensor", _fake_wgrad)
@@ -254,15 +285,22 @@ class _GroupedGemmFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, bias, row_scale, offsets, counts, gather, w_kn, activation, alpha, limit,
-                forced_tile, backend):
+                forced_tile, backend, quantized=None):
+        # quantized: a 4-bit weight's (scales, zeros, format code, group size), w its codes;
+        # the backward dequantizes it for dx (the weight itself gets no gradient).
         code = _ACTIVATION_CODE[activation]
         # (grad mode is off inside forward: needs_input_grad tells what the backward needs)
         training = any(ctx.needs_input_grad[:4])
         save_pre = training and (activation is not None or ctx.needs_input_grad[3])
         bias32 = None if bias is None else bias.float().contiguous()
         scale32 = None if row_scale is None else row_scale.float().contiguous()
-        y, pre = native_call(backend, "grouped_gemm", x, w, offsets, counts, gather, w_kn, bias32, code,
-                             alpha, limit, scale32, save_pre, forced_tile)
+        if quantized is None:
+            y, pre = native_call(backend, "grouped_gemm", x, w, offsets, counts, gather, w_kn, bias32, code,
+                                 alpha, limit, scale32, save_pre, forced_tile)
+        else:
+            y, pre = native_call(backend, "grouped_gemm_q4", x, w, *quantized, offsets, counts, gather, bias32,
+                                 code, alpha, limit, scale32, save_pre, forced_tile)
+        ctx.quantized = quantized
         ctx.backend, ctx.w_kn, ctx.code, ctx.alpha, ctx.limit = backend, w_kn, code, alpha, limit
         ctx.forced_tile = forced_tile
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -274,6 +312,8 @@ class _GroupedGemmFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, w, row_scale, offsets, counts, gather, pre = ctx.saved_tensors
         backend = ctx.backend
+        if ctx.quantized is not None:
+            w = native_call(backend, "dequantize", w, *ctx.quantized, x.dtype)
         need_x, need_w, need_bias, need_scale = ctx.needs_input_grad[:4]
         num_experts = w.shape[0]
         n = w.shape[2] if ctx.w_kn else w.shape[1]
@@ -313,7 +353,7 @@ class _GroupedGemmFunction(torch.autograd.Function):
         if need_scale:
             grad_scale = grad_scale.to(ctx.scale_dtype)
         return (grad_x, grad_w, grad_bias, grad_scale if need_scale else None,
-                None, None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None, None)
 
 
 def grouped_gemm(x, w, offsets=None, *, counts=None, gather=None, w_layout="nk", bias=None,
@@ -325,9 +365,18 @@ def grouped_gemm(x, w, offsets=None, *, counts=None, gather=None, w_layout="nk",
     x : torch.Tensor
         bfloat16 or float16. Contiguous layout: ``[rows, K]``; masked layout (with
         `counts`): ``[E, S, K]``. Non-contiguous or not 16-byte aligned: copied first.
-    w : torch.Tensor
+    w : torch.Tensor or QuantizedWeight
         ``[E, N, K]`` (``w_layout="nk"``, nn.Linear's out x in) or ``[E, K, N]``
         (``"kn"``), x's dtype; N and K multiples of 8. Read in place in either layout.
+        Or 4-bit weights (``moe_kernels.quant.QuantizedWeight``, ``[E, N, K]`` or one
+        ``[N, K]`` expert; N a multiple of 8): W4A16, the codes dequantized in registers
+        inside the tensor-core loop, each value rounded to x's dtype as ``dequantize``
+        rounds it, so y is ``grouped_gemm(x, dequantize(w, x.dtype))`` up to fp32
+        summation order (the kernels sum in the same order: equal bit for bit). Needs K a
+        multiple of 32; a per-channel weight with another K is dequantized first (one
+        [E, N, K] temporary). Act-order weights (``perm``) permute x's columns first (one
+        gather of the activations, per row's expert). The weight gets no gradient; x,
+        bias and row_scale do (the backward dequantizes it once).
     offsets : torch.Tensor or None
         Contiguous layout: ``[E + 1]`` int64 (int32 is converted), rows
         ``[offsets[e], offsets[e+1])`` of y belong to expert e; never read by the host on a
@@ -375,6 +424,12 @@ def grouped_gemm(x, w, offsets=None, *, counts=None, gather=None, w_layout="nk",
         x, w, offsets, counts, gather, w_layout, bias, activation, alpha, limit, row_scale)
     forced = _forced_tile(config)  # checked on every backend; the reference has no tiles
     backend = selected_backend(x, "x")
+    if isinstance(w, QuantizedWeight):
+        if backend != "reference" and k % 32 == 0:
+            return _grouped_gemm_q4(x, w, offsets, counts, gather, bias, activation, alpha, limit, row_scale,
+                                    forced, backend)
+        w = quant_ops.dequantize(w, x.dtype)  # the definition (reference), or K not a multiple of 32
+        w = w if w.dim() == 3 else w.unsqueeze(0)
     if backend == "reference":
         return reference.grouped_gemm(x, w, offsets, counts=counts, gather=gather, w_layout=w_layout,
                                            bias=bias, activation=activation, alpha=alpha, limit=limit,
@@ -383,3 +438,34 @@ def grouped_gemm(x, w, offsets=None, *, counts=None, gather=None, w_layout="nk",
         row_scale = row_scale.contiguous()
     return _GroupedGemmFunction.apply(_aligned(x), _aligned(w), bias, row_scale, offsets, counts, gather,
                                       w_layout == "kn", activation, alpha, limit, forced, backend)
+
+
+def _act_order_columns(x, perm, offsets, counts, gather):
+    """x with each row's columns in its expert's act-order (stored) order: row i of the
+    product reads x_rows[i, perm[e(i)]]. Returns (x, gather) for the kernel: rows already
+    gathered (gather keeps only its -1 entries). Device ops, no host sync; costs one
+    [M, K] copy of the activations and its index."""
+    perm = perm.long()
+    if perm.dim() == 1:
+        return x.index_select(-1, perm), gather
+    if counts is not None:  # masked [E, S, K]
+        return torch.gather(x, 2, perm.unsqueeze(1).expand_as(x)), None
+    m = x.shape[0] if gather is None else gather.shape[0]
+    rows = torch.arange(m, device=x.device)
+    expert = torch.searchsorted(offsets[1:], rows, right=True).clamp(max=perm.shape[0] - 1)
+    if gather is not None:
+        valid = (gather >= 0) & (gather < x.shape[0])
+        x = x.index_select(0, torch.where(valid, gather.long(), 0))
+        gather = torch.where(valid, rows, -1)
+    return torch.gather(x, 1, perm.index_select(0, expert)), gather
+
+
+def _grouped_gemm_q4(x, qw, offsets, counts, gather, bias, activation, alpha, limit, row_scale, forced, backend):
+    if qw.perm is not None:
+        x, gather = _act_order_columns(x, qw.perm, offsets, counts, gather)
+    codes, scales, zeros, format_code, group_size = quant_ops.kernel_operands(qw)
+    if row_scale is not None:
+        row_scale = row_scale.contiguous()
+    return _GroupedGemmFunction.apply(_aligned(x), codes, bias, row_scale, offsets, counts, gather, False,
+                                      activation, alpha, limit, forced, backend,
+                                      (scales, zeros, format_code, group_size))

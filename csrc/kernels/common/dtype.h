@@ -4,6 +4,13 @@
 #include <stdexcept>
 #include <string>
 
+// Functions of the plain launcher headers that kernels call too.
+#if defined(__CUDACC__)
+#define MOE_HOST_DEVICE __host__ __device__
+#else
+#define MOE_HOST_DEVICE
+#endif
+
 namespace moe {
 
 enum class DType { f32, f16, bf16 };

@@ -23,12 +23,6 @@
 #include "../common/stream.h"
 #include "../quant/quant.h"
 
-// Functions of this plain header that kernels call too.
-#if defined(__CUDACC__)
-#define MOE_HOST_DEVICE __host__ __device__
-#else
-#define MOE_HOST_DEVICE
-#endif
 
 namespace moe {
 

@@ -194,8 +194,8 @@ __global__ void __launch_bounds__(Tr::THREADS, Tr::MIN_BLOCKS) grouped_gemm_kern
     bool piece_valid = false;
     const int64_t piece_col = copies_scales ? weight_row<Tr>(piece, n_tile, p.n, halves, piece_valid) : 0;
     // Copies group g's piece into ring slot g % SCALE_SLOTS.
-    auto load_group = [&](int64_t g) {
-      const int slot = static_cast<int>(g % Tr::SCALE_SLOTS);
+    auto load_group = [&](int g) {
+      const int slot = g % Tr::SCALE_SLOTS;
       const int64_t at = (static_cast<int64_t>(e) * q_groups + g) * p.n;  // the group's first output
       const int size = copies_zeros ? 1 : scale_size;
       const uint8_t* src = copies_zeros ? qw.zeros + at : static_cast<const uint8_t*>(qw.scales) + at * size;
@@ -237,8 +237,8 @@ __global__ void __launch_bounds__(Tr::THREADS, Tr::MIN_BLOCKS) grouped_gemm_kern
         }
         // The groups that start in this step.
         if (copies_scales) {
-          for (int64_t g = (k0 + qw.group_size - 1) / qw.group_size; g * qw.group_size < k0 + Tr::BK &&
-                                                                     g * qw.group_size < p.k; ++g) {
+          const int group = static_cast<int>(qw.group_size), k_begin = static_cast<int>(k0);
+          for (int g = (k_begin + group - 1) / group; g * group < k_begin + Tr::BK && g * group < p.k; ++g) {
             load_group(g);
           }
         }

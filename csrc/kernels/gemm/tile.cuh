@@ -231,7 +231,8 @@ __device__ __forceinline__ void warp_mma_stage_q4(Accumulators<Tr>& acc, const T
     MmaFragA fa[Tr::MI];
     MmaFragB fb[Tr::NI];
     load_a_fragments<Tr, T, false>(fa, a, kk, warp_m);
-    const int slot = static_cast<int>(((k0 + kk) / qw.group_size) % Tr::SCALE_SLOTS);
+    // (32-bit: K is far below 2^31, and 64-bit division is a long call in the inner loop)
+    const int slot = static_cast<int>(k0 + kk) / static_cast<int>(qw.group_size) % Tr::SCALE_SLOTS;
 #pragma unroll
     for (int j = 0; j < Tr::NI; ++j) {
       const int n_local = warp_n * Tr::WTN + j * 8 + g;

@@ -24,7 +24,7 @@ namespace moe {
 enum class QuantFormat : int { int4 = 0, mxfp4 = 1 };
 enum class ScaleType : int { bf16 = 0, f16 = 1, e8m0 = 2 };
 
-inline int scale_bytes(ScaleType t) { return t == ScaleType::e8m0 ? 1 : 2; }
+MOE_HOST_DEVICE inline int scale_bytes(ScaleType t) { return t == ScaleType::e8m0 ? 1 : 2; }
 
 struct QuantWeight {
   QuantFormat format = QuantFormat::int4;
