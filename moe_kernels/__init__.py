@@ -4,6 +4,7 @@ Every op runs on one of three backends (see ``available_backends``): the CUDA ke
 the same kernels in the SIMT emulator on the CPU, or a PyTorch reference.
 """
 
+from . import quant
 from ._backend import available_backends, use_backend
 from .gemm import GemmConfig, gemm_config, grouped_gemm
 from .permute import (PermutePlan, PermuteResult, capacity_from_factor, permute, permute_plan,
@@ -15,7 +16,7 @@ from .routing import (expert_choice_gating, hash_gating, load_balancing_loss, ro
 __all__ = [
     "GemmConfig", "PermutePlan", "PermuteResult", "available_backends", "capacity_from_factor",
     "expert_choice_gating", "gemm_config", "grouped_gemm", "hash_gating", "load_balancing_loss", "permute", "permute_plan",
-    "router_stats", "router_z_loss", "sequence_load_balancing_loss", "topk_gating", "unpermute",
+    "quant", "router_stats", "router_z_loss", "sequence_load_balancing_loss", "topk_gating", "unpermute",
     "update_routing_bias", "use_backend",
 ]
 __version__ = "0.1.0"

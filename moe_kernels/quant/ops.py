@@ -4,7 +4,7 @@ for CPU tensors by default. The W4A16 product is ``moe_kernels.grouped_gemm(x, q
 
 import torch
 
-from .. import reference
+from ..reference import quant as reference_quant
 from .._backend import selected_backend
 from .._checks import FLOAT_DTYPES, check_bool, check_tensor
 from .._library import absent, native_call, register_op
@@ -81,7 +81,7 @@ def dequantize(qw, dtype=torch.bfloat16):
         raise TypeError(f"dtype: expected float32, float16 or bfloat16, got {dtype}")
     backend = selected_backend(qw.codes, "qw.codes")
     if backend == "reference":
-        return reference.quant.dequantize(qw, dtype)
+        return reference_quant.dequantize(qw, dtype)
     codes, scales, zeros, format_code, group_size = kernel_operands(qw)
     out = native_call(backend, "dequantize", codes, scales, zeros, format_code, group_size, dtype)
     out = out.reshape(qw.shape)
@@ -133,10 +133,12 @@ def quantize_int4(w, group_size=128, symmetric=True, scale_dtype=None):
         raise ValueError("w: expected finite values (found inf or NaN)")
     backend = selected_backend(w, "w")
     if backend == "reference":
-        return reference.quant.quantize_int4(w, group_size, symmetric, scale_dtype)
+        return reference_quant.quantize_int4(w, group_size, symmetric, scale_dtype)
     w3 = (w if w.dim() == 3 else w.unsqueeze(0)).contiguous()
     span = w.shape[-1] if group_size == -1 else group_size
     codes, scales, zeros = native_call(backend, "quantize_int4", w3, span, symmetric, scale_dtype)
+    if not bool(torch.isfinite(scales).all()):
+        raise ValueError(f"w: a group's scale overflows {scale_dtype} (values too large for its range)")
     if w.dim() == 2:
         codes, scales = codes[0], scales[0]
         zeros = None if zeros is None else zeros[0]

@@ -132,11 +132,24 @@ __global__ void __launch_bounds__(Tr::THREADS, Tr::MIN_BLOCKS) grouped_gemm_kern
   for (int64_t t = blockIdx.x; t < total; t += gridDim.x) {
     const int32_t m_tile = static_cast<int32_t>(t / n_tiles);
     const int64_t n_tile = t % n_tiles;
-    const int e = find_tile_expert(tile_start, E, m_tile);
-    const RowRange range = rows.of(e);
-    const int64_t row0 = range.begin + static_cast<int64_t>(m_tile - tile_start[e]) * Tr::BM;
-    const int64_t left = range.begin + range.count - row0;
-    const int tile_rows = left < Tr::BM ? static_cast<int>(left) : Tr::BM;
+    // The tile's expert and rows, looked up by one thread and shared: a lookup by every
+    // thread costs each warp about 8 loads of the schedule and offsets per tile, as much
+    // as the 4-bit weights of a decode tile's k-step. (The barriers of the previous tile
+    // separate this write from the reads of the last one.)
+    __shared__ int64_t tile_info[3];  // expert, first row, rows
+    if (threadIdx.x == 0) {
+      const int expert = find_tile_expert(tile_start, E, m_tile);
+      const RowRange range = rows.of(expert);
+      const int64_t first = range.begin + static_cast<int64_t>(m_tile - tile_start[expert]) * Tr::BM;
+      const int64_t left = range.begin + range.count - first;
+      tile_info[0] = expert;
+      tile_info[1] = first;
+      tile_info[2] = left < Tr::BM ? left : Tr::BM;
+    }
+    __syncthreads();
+    const int e = static_cast<int>(tile_info[0]);
+    const int64_t row0 = tile_info[1];
+    const int tile_rows = static_cast<int>(tile_info[2]);
     const T* w_e = Q4 ? nullptr : w + static_cast<int64_t>(e) * p.n * p.k;
 
     // Each thread's A rows and B rows (or columns) are fixed for the whole tile.
