@@ -326,3 +326,30 @@ def test_w4a16_bad_inputs():
         moe_kernels.grouped_gemm(torch.randn(4, 64, dtype=torch.bfloat16), random_int4(2, 12, 64, 32), offsets)
     with pytest.raises(ValueError, match="offsets"):
         moe_kernels.grouped_gemm(x, qw, expert_rows([2, 2, 0]))
+
+
+def test_opcheck_and_compile():
+    """The custom ops' fakes agree with the kernels, and torch.compile traces the W4A16
+    GEMM and dequantize without a graph break."""
+    from torch.library import opcheck
+
+    from moe_kernels.quant.ops import kernel_operands
+
+    qw = random_int4(2, 16, 64, 32, symmetric=False, seed=50)
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    offsets = expert_rows([2, 3])
+    codes, scales, zeros, fmt, group = kernel_operands(qw)
+    with moe_kernels.use_backend("simt"):
+        opcheck(torch.ops.moe_kernels.dequantize, ("simt", codes, scales, zeros, fmt, group, torch.bfloat16))
+        opcheck(torch.ops.moe_kernels.quantize_int4, ("simt", torch.randn(2, 8, 64), 32, False, torch.float16))
+        opcheck(torch.ops.moe_kernels.quantize_int4, ("simt", torch.randn(2, 8, 64), 32, True, torch.bfloat16))
+        opcheck(torch.ops.moe_kernels.grouped_gemm_q4,
+                ("simt", x, codes, scales, zeros, fmt, group, offsets, None, None, None, 5, 1.702, 7.0, None,
+                 True, -1))
+
+        def f(x):
+            return moe_kernels.grouped_gemm(x, qw, offsets, activation="silu_and_mul").float().sum() + \
+                dequantize(qw).float().sum()
+
+        compiled = torch.compile(f, fullgraph=True, backend="eager")
+        assert torch.equal(compiled(x), f(x))
