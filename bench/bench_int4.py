@@ -78,7 +78,8 @@ def quantized(fmt, w, g):
         scales = torch.randint(*MXFP4_SCALES, (experts, k // 32, n), generator=g, device=w.device,
                                dtype=torch.uint8)
         return QuantizedWeight("mxfp4", codes, scales, group_size=32)
-    with moe_kernels.use_backend("cuda" if w.is_cuda else "reference"):
+    native = w.is_cuda and "cuda" in moe_kernels.available_backends()
+    with moe_kernels.use_backend("cuda" if native else "reference"):
         return quantize_int4(w, group_of(fmt))
 
 
@@ -226,13 +227,14 @@ def cpu_table(rows):
         lines.append((r["op"], r["label"], (r["gemm_config"] or {}).get("name", "-"), str(t["launches"]),
                       f"{t['bytes_read'] / 1e6:.3f}", f"{t['bytes_written'] / 1e6:.3f}",
                       bgg.fmt(t["amplification"], ".2f"), bgg.fmt(vs, ".3f"),
-                      bgg.fmt(ratio, ".3f") + flag, f"{r['median_us'] / 1e3:.0f}"))
+                      bgg.fmt(ratio, ".3f") + flag, bgg.fmt(t["other_read_bytes"], ".0f"),
+                      f"{r['median_us'] / 1e3:.0f}"))
     return ("simt emulator traffic counters (one call per case; bytes in 32-byte sectors; read vs bf16 = "
             "bytes read / the bf16 GEMM's; weight read ratio = (read - activation re-reads) / (active "
             "experts * weight bytes per expert), decode forwards, ! above "
-            f"{WEIGHT_READ_BOUND}):\n"
+            f"{WEIGHT_READ_BOUND}; other bytes = bytes read - activation re-reads - weight bytes):\n"
             + bgg.table(("op", "case", "config", "launches", "read MB", "written MB", "moved/min", "read vs bf16",
-                         "weight read ratio", "emulator ms"), lines, left=3))
+                         "weight read ratio", "other bytes", "emulator ms"), lines, left=3))
 
 
 # --- main -----------------------------------------------------------------------------------
@@ -242,6 +244,10 @@ def measure(case, extra, args, gpu, peaks, flush):
         launches, wall_us = bgg.count_traffic(case)
         row = harness.summarize(case, [wall_us], peaks)
         row["traffic"] = bgg.traffic_fields(launches, extra)
+        ratio = row["traffic"]["weight_read_ratio"]
+        # What the ratio's excess is in bytes: reads that are neither the weights nor the
+        # activation rows (metadata, bias, row_scale, repeated weight reads).
+        row["traffic"]["other_read_bytes"] = (ratio - 1) * extra["weight_bytes"] if ratio is not None else None
     else:
         row = harness.summarize(case, harness.time_case(case, args, flush), peaks)
     row.update(gemm=extra["gemm"], weights=extra["weights"], gemm_config=extra["gemm_config"],
