@@ -34,7 +34,8 @@ read and written (32-byte sectors), moved / minimum, bytes read relative to the 
 GEMM's, the wall time of the counted call and, for the decode forwards, the weight-read
 ratio (bytes read - activation re-reads per n-tile) / (active experts * (N*K/2 + scale +
 zero bytes)): 1.0 when each active expert's 4-bit weights are read once (the bound is
-1.05; offsets, gather, bias and row_scale reads count as weight traffic). ``--backends
+1.05; offsets, gather, bias and row_scale reads count as weight traffic), and that excess in
+bytes ("other bytes", equal across formats when each reads its weights once). ``--backends
 simt,reference`` also times the reference by wall clock.
 
 Every GEMM row of the JSON records ``gemm_config(...)`` of its problem (the 4-bit product
