@@ -109,14 +109,15 @@ def randn(shape, device, scale, g):
     return (torch.randn(shape, generator=g, device=device) * scale).to(torch.bfloat16)
 
 
-def config_of(m, n, k, experts, activation, gpu):
+def config_of(m, n, k, experts, activation, gpu, quantized=False):
     """gemm_config of a problem as the running backend launches it: the current GPU, or the
     emulator (MOE_KERNELS_SIMT_ARCH, default 90, and its multiprocessors)."""
     if gpu:
-        return moe_kernels.gemm_config(m, n, k, experts, w_layout="nk", activation=activation)
+        return moe_kernels.gemm_config(m, n, k, experts, w_layout="nk", activation=activation,
+                                       quantized=quantized)
     arch = int(os.environ.get("MOE_KERNELS_SIMT_ARCH") or 90)
     return moe_kernels.gemm_config(m, n, k, experts, w_layout="nk", activation=activation,
-                                   arch=arch, num_sms=EMULATED_SMS)
+                                   arch=arch, num_sms=EMULATED_SMS, quantized=quantized)
 
 
 # --- the calls ------------------------------------------------------------------------------

@@ -135,7 +135,6 @@ def gemm_cases(name, args, gpu, backends):
         for gemm, key, inputs in gemms:
             n, kk = (w13 if key == "w13" else w2).shape[1:]
             act = inputs["activation"]
-            config = bgg.config_of(m, n, kk, experts, act, gpu)
             shape = dict(T=tokens, E=experts, k=k, M=m, N=n, K=kk, H=hidden, I=inter, activation=act,
                          bias=inputs["bias"] is not None, row_scale=inputs["row_scale"] is not None,
                          scaled_for_cpu=not gpu)
@@ -143,6 +142,7 @@ def gemm_cases(name, args, gpu, backends):
                 if (fmt, key) not in weights:
                     continue
                 w = weights[(fmt, key)]
+                config = bgg.config_of(m, n, kk, experts, act, gpu, quantized=fmt != "bf16")
                 per_expert = weight_bytes_per_expert(fmt, n, kk, None if fmt == "bf16" else w)
                 extra = dict(gemm=gemm, weights=fmt, gemm_config=config._asdict(), active_experts=active,
                              rows_per_expert=m / active if active else None,

@@ -44,7 +44,7 @@ def _forced_tile(config):
 
 
 def gemm_config(m, n, k, num_experts, *, w_layout="nk", activation=None, rows_per_expert=None,
-                arch=None, num_sms=None, config=None):
+                arch=None, num_sms=None, config=None, quantized=False):
     """The tile configuration ``grouped_gemm`` launches for a problem (its heuristic, in C++).
 
     Parameters
@@ -60,6 +60,8 @@ def gemm_config(m, n, k, num_experts, *, w_layout="nk", activation=None, rows_pe
         Multiprocessors; None: the current GPU's, else 132 (an H100 SXM).
     config : str or None
         A forced configuration (one of ``TILE_CONFIGS``), as ``grouped_gemm(config=...)``.
+    quantized : bool
+        For 4-bit weights (a ``QuantizedWeight``): the same tiles, each 64 deep.
 
     Returns
     -------
@@ -79,7 +81,8 @@ def gemm_config(m, n, k, num_experts, *, w_layout="nk", activation=None, rows_pe
     module = native_module("cuda" if "cuda" in _native_names() else "simt")
     return _gemm_config(module.gemm_config(
         int(arch), int(num_sms), int(m), int(n), int(k), int(num_experts), rows_per_expert is not None,
-        int(rows_per_expert or 0), _ACTIVATION_CODE[activation], w_layout == "kn", _forced_tile(config)))
+        int(rows_per_expert or 0), _ACTIVATION_CODE[activation], w_layout == "kn", bool(quantized),
+        _forced_tile(config)))
 
 
 def _native_names():

@@ -359,14 +359,14 @@ at::Tensor segment_row_sum(const at::Tensor& in, const at::Tensor& rows, const a
 
 py::dict gemm_config(int64_t arch, int64_t num_sms, int64_t m, int64_t n, int64_t k, int64_t num_experts,
                      bool masked, int64_t rows_per_expert, int64_t activation_code, bool w_kn,
-                     int64_t forced_tile) {
+                     bool quantized, int64_t forced_tile) {
   const Activation activation = activation_of(activation_code);
   MOE_CHECK_VALUE(forced_tile >= -1 && forced_tile <= static_cast<int64_t>(GemmTile::m16n64), "config",
                   "unknown tile ", forced_tile);
-  const GemmConfig c = forced_tile >= 0 ? gemm_tile_config(static_cast<GemmTile>(forced_tile))
+  const GemmConfig c = forced_tile >= 0 ? gemm_tile_config(static_cast<GemmTile>(forced_tile), quantized)
                                         : choose_gemm_config(static_cast<int>(arch), static_cast<int>(num_sms), m, n, k,
                                                              static_cast<int>(num_experts), masked, rows_per_expert,
-                                                             activation, w_kn);
+                                                             activation, w_kn, quantized);
   return config_dict(c);
 }
 
@@ -391,7 +391,8 @@ void register_gemm(pybind11::module_& m) {
         py::arg("rows"), py::arg("row_start"));
   m.def("gemm_config", &gemm_config, "The grouped GEMM's tile configuration for a problem", py::arg("arch"),
         py::arg("num_sms"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("num_experts"), py::arg("masked"),
-        py::arg("rows_per_expert"), py::arg("activation"), py::arg("w_kn"), py::arg("forced_tile"));
+        py::arg("rows_per_expert"), py::arg("activation"), py::arg("w_kn"), py::arg("quantized"),
+        py::arg("forced_tile"));
 }
 
 }  // namespace moe

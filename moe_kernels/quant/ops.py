@@ -6,9 +6,9 @@ import torch
 
 from ..reference import quant as reference_quant
 from .._backend import selected_backend
-from .._checks import FLOAT_DTYPES, check_bool, check_tensor
+from .._checks import FLOAT_DTYPES
 from .._library import absent, native_call, register_op
-from .weight import INT4_SCALE_DTYPES, QuantizedWeight, check_group_size
+from .weight import QuantizedWeight
 
 # Codes of the kernels' QuantFormat enum (csrc/kernels/quant/quant.h).
 FORMAT_CODES = {"int4": 0, "mxfp4": 1}
@@ -118,19 +118,8 @@ def quantize_int4(w, group_size=128, symmetric=True, scale_dtype=None):
     -------
     QuantizedWeight (format "int4").
     """
-    check_tensor(w, "w", dtypes=FLOAT_DTYPES, contiguous=False)
-    if w.dim() not in (2, 3) or 0 in w.shape:
-        raise ValueError(f"w: expected a non-empty [E, N, K] or [N, K], got shape {tuple(w.shape)}")
-    if w.shape[-1] % 2:
-        raise ValueError(f"w: expected an even K (two codes a byte), got shape {tuple(w.shape)}")
-    group_size, _ = check_group_size(group_size, w.shape[-1])
-    symmetric = check_bool(symmetric, "symmetric")
-    if scale_dtype is None:
-        scale_dtype = w.dtype if w.dtype in INT4_SCALE_DTYPES else torch.bfloat16
-    if scale_dtype not in INT4_SCALE_DTYPES:
-        raise TypeError(f"scale_dtype: expected bfloat16 or float16, got {scale_dtype}")
-    if not bool(torch.isfinite(w).all()):
-        raise ValueError("w: expected finite values (found inf or NaN)")
+    group_size, symmetric, scale_dtype = reference_quant.check_quantize_int4_args(w, group_size, symmetric,
+                                                                                 scale_dtype)
     backend = selected_backend(w, "w")
     if backend == "reference":
         return reference_quant.quantize_int4(w, group_size, symmetric, scale_dtype)

@@ -87,6 +87,26 @@ def _round_up(s32, dtype):
     return torch.where(below, bits + 1, bits).view(dtype)
 
 
+def check_quantize_int4_args(w, group_size, symmetric, scale_dtype):
+    """The arguments of quantize_int4 (every backend's), checked; returns (group_size,
+    symmetric, scale_dtype) with the default scale dtype filled in. Reads w (finite):
+    one host synchronization, fine for an offline step."""
+    check_tensor(w, "w", dtypes=FLOAT_DTYPES, contiguous=False)
+    if w.dim() not in (2, 3):
+        raise ValueError(f"w: expected [E, N, K] or [N, K], got shape {tuple(w.shape)}")
+    if 0 in w.shape or w.shape[-1] % 2:
+        raise ValueError(f"w: expected non-empty dimensions and an even K, got shape {tuple(w.shape)}")
+    group_size, _ = check_group_size(group_size, w.shape[-1])
+    symmetric = check_bool(symmetric, "symmetric")
+    if scale_dtype is None:
+        scale_dtype = w.dtype if w.dtype in INT4_SCALE_DTYPES else torch.bfloat16
+    if scale_dtype not in INT4_SCALE_DTYPES:
+        raise TypeError(f"scale_dtype: expected torch.bfloat16 or torch.float16, got {scale_dtype}")
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("w: expected finite values (found NaN or infinity)")
+    return group_size, symmetric, scale_dtype
+
+
 def quantize_int4(w, group_size=128, symmetric=True, scale_dtype=None):
     """Round-to-nearest int4 quantization of w (bf16/fp16/fp32, [E, N, K] or [N, K]) into a
     QuantizedWeight, computed in float32.
@@ -111,20 +131,9 @@ def quantize_int4(w, group_size=128, symmetric=True, scale_dtype=None):
     scale_dtype : torch.dtype or None
         bfloat16 or float16; None: w's dtype if 16-bit, else bfloat16.
     """
-    check_tensor(w, "w", dtypes=FLOAT_DTYPES, contiguous=False)
-    if w.dim() not in (2, 3):
-        raise ValueError(f"w: expected [E, N, K] or [N, K], got shape {tuple(w.shape)}")
-    if 0 in w.shape or w.shape[-1] % 2:
-        raise ValueError(f"w: expected non-empty dimensions and an even K, got shape {tuple(w.shape)}")
+    group_size, symmetric, scale_dtype = check_quantize_int4_args(w, group_size, symmetric, scale_dtype)
     k = w.shape[-1]
-    group_size, groups = check_group_size(group_size, k)
-    symmetric = check_bool(symmetric, "symmetric")
-    if scale_dtype is None:
-        scale_dtype = w.dtype if w.dtype in INT4_SCALE_DTYPES else torch.bfloat16
-    if scale_dtype not in INT4_SCALE_DTYPES:
-        raise TypeError(f"scale_dtype: expected torch.bfloat16 or torch.float16, got {scale_dtype}")
-    if not bool(torch.isfinite(w).all()):
-        raise ValueError("w: expected finite values (found NaN or infinity)")
+    groups = 1 if group_size == -1 else k // group_size
 
     w32 = w.float().unflatten(-1, (groups, k // groups))  # [..., N, G, span]
     if symmetric:

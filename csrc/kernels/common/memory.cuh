@@ -21,6 +21,20 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
 }
 
+// Two values rounded to a 16-bit T, packed in one 32-bit word (the first in the low half:
+// memory order, and the order of an mma fragment register's two elements).
+template <typename T>
+__device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
+  static_assert(sizeof(T) == 2, "two 16-bit values");
+  union {
+    uint32_t bits;
+    T elems[2];
+  } v;
+  v.elems[0] = from_float<T>(lo);
+  v.elems[1] = from_float<T>(hi);
+  return v.bits;
+}
+
 // Number of T elements in one 16-byte vector.
 template <typename T>
 struct Vec16 {

@@ -185,7 +185,7 @@ void launch_segment_row_sum(const SegmentRowSumParams& params, cudaStream_t stre
 // The tile configuration the heuristic picks (heuristics.h), for Python's gemm_config.
 GemmConfig choose_gemm_config(int arch, int num_sms, int64_t m, int64_t n, int64_t k,
                               int num_experts, bool masked, int64_t rows_per_expert,
-                              Activation activation, bool w_kn);
-GemmConfig gemm_tile_config(GemmTile tile);
+                              Activation activation, bool w_kn, bool quantized);
+GemmConfig gemm_tile_config(GemmTile tile, bool quantized);
 
 }  // namespace moe

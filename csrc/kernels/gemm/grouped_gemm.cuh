@@ -41,6 +41,9 @@ namespace gemm {
 using TileM128N128 = TileTraits<128, 128, 32, 2, 4, 3, 1>;
 using TileM64N64 = TileTraits<64, 64, 32, 2, 2, 4, 3>;
 using TileM16N64 = TileTraits<16, 64, 64, 1, 4, 4, 4>;
+// With 4-bit weights (heuristics.h: every tile 64 deep).
+using TileM128N128Q4 = TileTraits<128, 128, 64, 2, 4, 3, 1>;
+using TileM64N64Q4 = TileTraits<64, 64, 64, 2, 2, 4, 3>;
 
 constexpr int kScheduleThreads = 1024;
 
@@ -99,7 +102,11 @@ __global__ void __launch_bounds__(Tr::THREADS, Tr::MIN_BLOCKS) grouped_gemm_kern
   // Output columns per tile: BN, or BN / 2 when two pre-activation columns make one.
   const int out_per_tile = gated ? Tr::BN / 2 : Tr::BN;
   const int64_t n_tiles = (n_out + out_per_tile - 1) / out_per_tile;
-  const int64_t total = static_cast<int64_t>(tile_start[E]) * n_tiles;
+  // The schedule's tile count, read by one thread (as each tile's lookup below).
+  __shared__ int32_t scheduled_m_tiles;
+  if (threadIdx.x == 0) scheduled_m_tiles = tile_start[E];
+  __syncthreads();
+  const int64_t total = static_cast<int64_t>(scheduled_m_tiles) * n_tiles;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int warp_m = warp / Tr::WN, warp_n = warp % Tr::WN;
   const int num_steps = static_cast<int>((p.k + Tr::BK - 1) / Tr::BK);
@@ -134,8 +141,8 @@ __global__ void __launch_bounds__(Tr::THREADS, Tr::MIN_BLOCKS) grouped_gemm_kern
     const int64_t n_tile = t % n_tiles;
     // The tile's expert and rows, looked up by one thread and shared: a lookup by every
     // thread costs each warp about 8 loads of the schedule and offsets per tile, as much
-    // as the 4-bit weights of a decode tile's k-step. (The barriers of the previous tile
-    // separate this write from the reads of the last one.)
+    // as the 4-bit weights of a decode tile's k-step. (The barriers of the previous tile, or
+    // the one above, separate this write from the reads of the last one.)
     __shared__ int64_t tile_info[3];  // expert, first row, rows
     if (threadIdx.x == 0) {
       const int expert = find_tile_expert(tile_start, E, m_tile);
@@ -398,9 +405,7 @@ void launch_tile(const GroupedGemmParams& p, GemmConfig& config, cudaStream_t st
 template <typename T, class Tr>
 void launch_layout(const GroupedGemmParams& p, GemmConfig& config, cudaStream_t stream) {
   static_assert(sizeof(T) == 2, "tensor-core operands are 16-bit");
-  if (p.quantized) {
-    launch_tile<T, Tr, WeightKind::q4>(p, config, stream);
-  } else if (p.w_kn) {
+  if (p.w_kn) {
     launch_tile<T, Tr, WeightKind::kn>(p, config, stream);
   } else {
     launch_tile<T, Tr, WeightKind::nk>(p, config, stream);
@@ -409,6 +414,13 @@ void launch_layout(const GroupedGemmParams& p, GemmConfig& config, cudaStream_t 
 
 template <typename T>
 void launch_typed(const GroupedGemmParams& p, GemmConfig& config, cudaStream_t stream) {
+  if (p.quantized) {
+    switch (config.tile) {
+      case GemmTile::m128n128: return launch_tile<T, TileM128N128Q4, WeightKind::q4>(p, config, stream);
+      case GemmTile::m64n64: return launch_tile<T, TileM64N64Q4, WeightKind::q4>(p, config, stream);
+      case GemmTile::m16n64: return launch_tile<T, TileM16N64, WeightKind::q4>(p, config, stream);
+    }
+  }
   switch (config.tile) {
     case GemmTile::m128n128: return launch_layout<T, TileM128N128>(p, config, stream);
     case GemmTile::m64n64: return launch_layout<T, TileM64N64>(p, config, stream);
@@ -418,12 +430,12 @@ void launch_typed(const GroupedGemmParams& p, GemmConfig& config, cudaStream_t s
 
 }  // namespace gemm
 
-GemmConfig gemm_tile_config(GemmTile tile) { return gemm::tile_config(tile); }
+GemmConfig gemm_tile_config(GemmTile tile, bool quantized) { return gemm::tile_config(tile, quantized); }
 
 GemmConfig choose_gemm_config(int arch, int num_sms, int64_t m, int64_t n, int64_t k,
                                      int num_experts, bool masked, int64_t rows_per_expert,
-                                     Activation activation, bool w_kn) {
-  return gemm::choose(arch, num_sms, m, n, k, num_experts, masked, rows_per_expert, activation, w_kn);
+                                     Activation activation, bool w_kn, bool quantized) {
+  return gemm::choose(arch, num_sms, m, n, k, num_experts, masked, rows_per_expert, activation, w_kn, quantized);
 }
 
 size_t grouped_gemm_workspace_bytes(int num_experts) {
@@ -448,10 +460,10 @@ GemmConfig launch_grouped_gemm(const GroupedGemmParams& params, cudaStream_t str
     if (p.arch == 0) p.arch = device.arch;
     if (p.num_sms == 0) p.num_sms = device.num_sms;
   }
-  GemmConfig config = p.forced_tile >= 0 ? gemm::tile_config(static_cast<GemmTile>(p.forced_tile))
+  GemmConfig config = p.forced_tile >= 0 ? gemm::tile_config(static_cast<GemmTile>(p.forced_tile), p.quantized)
                                          : gemm::choose(p.arch, p.num_sms, p.rows.m, p.n, p.k, p.num_experts,
                                                         p.rows.offsets == nullptr, p.rows.rows_per_expert,
-                                                        p.activation, p.w_kn);
+                                                        p.activation, p.w_kn, p.quantized);
   if (p.rows.m == 0) return config;
   const gemm::ExpertRows rows{p.rows};
   LaunchConfig schedule{dim3(1), dim3(gemm::kScheduleThreads), 0, stream};

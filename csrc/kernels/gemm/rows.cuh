@@ -73,14 +73,14 @@ __device__ __forceinline__ int find_tile_expert(const int32_t* tile_start, int n
 // column of a row whose length is even).
 template <typename T>
 __device__ __forceinline__ void store_pair(T* dst, float a, float b) {
-  using Bits = std::conditional_t<sizeof(T) == 4, uint2, uint32_t>;
-  union {
-    Bits bits;
-    T elems[2];
-  } v;
-  v.elems[0] = from_float<T>(a);
-  v.elems[1] = from_float<T>(b);
-  *reinterpret_cast<Bits*>(dst) = v.bits;
+  if constexpr (sizeof(T) == 4) {
+    uint2 bits;
+    bits.x = __float_as_uint(a);
+    bits.y = __float_as_uint(b);
+    *reinterpret_cast<uint2*>(dst) = bits;
+  } else {
+    *reinterpret_cast<uint32_t*>(dst) = pack_pair<T>(a, b);
+  }
 }
 
 }  // namespace gemm

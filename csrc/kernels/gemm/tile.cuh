@@ -196,18 +196,6 @@ __device__ __forceinline__ void warp_mma_stage(Accumulators<Tr>& acc, const T* a
   }
 }
 
-// Two values rounded to T, packed as one .b32 fragment register (the first in the low half).
-template <typename T>
-__device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
-  union {
-    uint32_t bits;
-    T elems[2];
-  } v;
-  v.elems[0] = from_float<T>(lo);
-  v.elems[1] = from_float<T>(hi);
-  return v.bits;
-}
-
 // One BK-deep step of the warp's math with 4-bit weights: A fragments by ldmatrix as in
 // warp_mma_stage, B fragments built in registers from the codes. Lane (g, t4) of an n8
 // tile needs B[k = 2 t4, 2 t4 + 1][n = g] (register 0) and the same 8 k later (register 1):
