@@ -10,7 +10,7 @@ from moe_kernels import emulator
 from moe_kernels.quant import QuantizedWeight, dequantize, quantize_int4
 from moe_kernels.reference import quant as ref
 
-from conftest import needs_observer
+from conftest import device_of, needs_observer, run
 
 
 def bits(t):
@@ -56,12 +56,11 @@ def random_mxfp4(experts, n, k, *, seed=0, extreme=False):
 @pytest.mark.parametrize("group_size", [32, 64, 128, -1])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float16])
-def test_dequantize_int4_matches_reference_bit_for_bit(group_size, symmetric, scale_dtype):
+def test_dequantize_int4_matches_reference_bit_for_bit(kernel_backend, group_size, symmetric, scale_dtype):
     # N not a multiple of the 32-row tile, K past one 256-column tile.
     qw = random_int4(3, 40, 384, group_size, symmetric=symmetric, scale_dtype=scale_dtype)
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        with moe_kernels.use_backend("simt"):
-            out = dequantize(qw, dtype)
+        out = run(kernel_backend, dequantize, qw.to(device_of(kernel_backend)), dtype).cpu()
         assert out.dtype == dtype and out.shape == (3, 40, 384)
         assert same_bits(out, ref.dequantize(qw, dtype))
 
@@ -81,17 +80,16 @@ def test_dequantize_reference_against_naive_loop():
 
 
 @pytest.mark.parametrize("extreme", [False, True])
-def test_dequantize_mxfp4_matches_reference_bit_for_bit(extreme):
+def test_dequantize_mxfp4_matches_reference_bit_for_bit(kernel_backend, extreme):
     """Scales over all 256 e8m0 values when extreme: 0 (2^-127, a subnormal), 254, and
     255 (NaN); products that leave bf16/fp16 range become inf or round as the reference."""
     qw = random_mxfp4(2, 24, 320, seed=1, extreme=extreme)
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        with moe_kernels.use_backend("simt"):
-            out = dequantize(qw, dtype)
+        out = run(kernel_backend, dequantize, qw.to(device_of(kernel_backend)), dtype).cpu()
         assert same_bits(out, ref.dequantize(qw, dtype))
 
 
-def test_dequantize_single_matrix_act_order_and_odd_k():
+def test_dequantize_single_matrix_act_order_and_odd_k(kernel_backend):
     """[N, K] weights; act-order (logical column order back); per-channel with K not a
     multiple of 8 (the kernel's per-element path)."""
     cases = [random_int4(None, 16, 256, 64, symmetric=False, seed=4),
@@ -100,8 +98,7 @@ def test_dequantize_single_matrix_act_order_and_odd_k():
              random_int4(2, 5, 36, -1, symmetric=False, seed=7)]
     for qw in cases:
         for dtype in (torch.bfloat16, torch.float32):
-            with moe_kernels.use_backend("simt"):
-                out = dequantize(qw, dtype)
+            out = run(kernel_backend, dequantize, qw.to(device_of(kernel_backend)), dtype).cpu()
             assert out.shape == qw.shape
             assert same_bits(out, ref.dequantize(qw, dtype))
 
@@ -124,14 +121,13 @@ def test_dequantize_traffic_is_one_read_and_one_write():
 @pytest.mark.parametrize("group_size", [32, 128, -1])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_quantize_int4_matches_reference_bit_for_bit(group_size, symmetric, dtype):
+def test_quantize_int4_matches_reference_bit_for_bit(kernel_backend, group_size, symmetric, dtype):
     g = torch.Generator().manual_seed(11)
     w = (torch.randn(2, 24, 256, generator=g) * 0.05).to(dtype)
     w[0, 0, :64] = 0  # all-zero groups: scale 1
     w[1, 3, :] = 0.25  # constant rows
     w[1, 5, 2::7] = 1e-3  # ties and small values
-    with moe_kernels.use_backend("simt"):
-        qw = quantize_int4(w, group_size, symmetric)
+    qw = run(kernel_backend, quantize_int4, w.to(device_of(kernel_backend)), group_size, symmetric).cpu()
     expected = ref.quantize_int4(w, group_size, symmetric)
     assert qw.equal(expected)
     # The RTN guarantee: within half a scale of w.
@@ -140,10 +136,9 @@ def test_quantize_int4_matches_reference_bit_for_bit(group_size, symmetric, dtyp
     assert bool((err <= scale / 2 * (1 + 1e-6)).all())
 
 
-def test_quantize_int4_scale_dtype_and_single_matrix():
+def test_quantize_int4_scale_dtype_and_single_matrix(kernel_backend):
     w = torch.randn(32, 64, dtype=torch.bfloat16)
-    with moe_kernels.use_backend("simt"):
-        qw = quantize_int4(w, 32, scale_dtype=torch.float16)
+    qw = run(kernel_backend, quantize_int4, w.to(device_of(kernel_backend)), 32, scale_dtype=torch.float16).cpu()
     assert qw.shape == (32, 64) and qw.scales.dtype == torch.float16
     assert qw.equal(ref.quantize_int4(w, 32, True, torch.float16))
 
@@ -171,13 +166,20 @@ def expert_rows(counts):
     return torch.cat([torch.zeros(1, dtype=torch.long), torch.tensor(counts).cumsum(0)])
 
 
-def both_ways(x, qw, offsets, **kwargs):
-    """(W4A16 on simt, the 16-bit GEMM of the dequantized weight on simt)."""
-    with moe_kernels.use_backend("simt"):
+def to_device(value, device):
+    return value.to(device) if isinstance(value, (torch.Tensor, QuantizedWeight)) else value
+
+
+def both_ways(backend, x, qw, offsets, **kwargs):
+    """(W4A16, the 16-bit GEMM of the dequantized weight), both on `backend`, on the CPU."""
+    dev = device_of(backend)
+    x, qw, offsets = x.to(dev), qw.to(dev), None if offsets is None else offsets.to(dev)
+    kwargs = {key: to_device(value, dev) for key, value in kwargs.items()}
+    with moe_kernels.use_backend(backend):
         y = moe_kernels.grouped_gemm(x, qw, offsets, **kwargs)
         w = dequantize(qw, x.dtype)
         y16 = moe_kernels.grouped_gemm(x, w if w.dim() == 3 else w.unsqueeze(0), offsets, **kwargs)
-    return y, y16
+    return y.cpu(), y16.cpu()
 
 
 WEIGHTS = {
@@ -192,7 +194,7 @@ WEIGHTS = {
 
 @pytest.mark.parametrize("weight", sorted(WEIGHTS))
 @pytest.mark.parametrize("config", ["128x128", "64x64", "16x64"])
-def test_w4a16_equals_gemm_of_dequantized_weight(weight, config):
+def test_w4a16_equals_gemm_of_dequantized_weight(kernel_backend, weight, config):
     """Uneven experts (one empty), every tile: the same sums in the same order, so equal
     bit for bit; and the reference backend (float32 matmul of the dequantized weight)
     within accumulation tolerance."""
@@ -200,7 +202,7 @@ def test_w4a16_equals_gemm_of_dequantized_weight(weight, config):
     g = torch.Generator().manual_seed(30)
     offsets = expert_rows([7, 0, 18])
     x = torch.randn(25, qw.shape[-1], generator=g).to(torch.bfloat16)
-    y, y16 = both_ways(x, qw, offsets, activation="silu_and_mul", config=config)
+    y, y16 = both_ways(kernel_backend, x, qw, offsets, activation="silu_and_mul", config=config)
     assert torch.equal(y, y16)
     expected = moe_kernels.grouped_gemm(x, qw, offsets, activation="silu_and_mul")  # CPU: reference
     torch.testing.assert_close(y.float(), expected.float(), atol=2e-2, rtol=2e-2)
@@ -208,7 +210,7 @@ def test_w4a16_equals_gemm_of_dequantized_weight(weight, config):
 
 @pytest.mark.parametrize("activation", [None, "relu", "gelu", "gelu_tanh", "silu", "silu_and_mul",
                                         "gelu_and_mul", "gelu_tanh_and_mul", "swiglu_oai"])
-def test_w4a16_every_epilogue(activation):
+def test_w4a16_every_epilogue(kernel_backend, activation):
     """bias, row_scale and every activation; N/2 = 20 (gated halves straddle a scale piece)."""
     qw = random_int4(3, 40, 128, 32, symmetric=False, seed=31)
     g = torch.Generator().manual_seed(32)
@@ -218,27 +220,26 @@ def test_w4a16_every_epilogue(activation):
     row_scale = torch.rand(17, generator=g)
     qw = qw.to(dtype=torch.float16) if qw.scales.dtype != torch.float16 else qw
     for config in ("64x64", "16x64"):
-        y, y16 = both_ways(x, qw, offsets, activation=activation, bias=bias, row_scale=row_scale, config=config)
+        y, y16 = both_ways(kernel_backend, x, qw, offsets, activation=activation, bias=bias, row_scale=row_scale,
+                           config=config)
         assert torch.equal(y, y16)
 
 
-def test_w4a16_gather_and_masked_layouts():
+def test_w4a16_gather_and_masked_layouts(kernel_backend):
     qw = random_mxfp4(4, 32, 64, seed=33)
     g = torch.Generator().manual_seed(34)
     x = torch.randn(9, 64, generator=g).to(torch.bfloat16)
     gather = torch.tensor([3, -1, 0, 8, 8, 2, -1, 5, 1, 7, 4, 6])
     offsets = expert_rows([4, 0, 5, 3])
-    y, y16 = both_ways(x, qw, offsets, gather=gather, activation="gelu")
+    y, y16 = both_ways(kernel_backend, x, qw, offsets, gather=gather, activation="gelu")
     assert torch.equal(y, y16)
     xm = torch.randn(4, 6, 64, generator=g).to(torch.bfloat16)
     counts = torch.tensor([6, 0, 2, 5])
-    with moe_kernels.use_backend("simt"):
-        y = moe_kernels.grouped_gemm(xm, qw, counts=counts, activation="swiglu_oai")
-        y16 = moe_kernels.grouped_gemm(xm, dequantize(qw, xm.dtype), counts=counts, activation="swiglu_oai")
+    y, y16 = both_ways(kernel_backend, xm, qw, None, counts=counts, activation="swiglu_oai")
     assert torch.equal(y, y16)
 
 
-def test_w4a16_act_order_with_gather_and_masked():
+def test_w4a16_act_order_with_gather_and_masked(kernel_backend):
     """Act-order weights permute each row's columns by its expert's perm (gather and
     masked layouts too); the reference multiplies by the logical-order dequantized weight."""
     qw = random_int4(3, 32, 64, 32, act_order=True, seed=35)
@@ -246,30 +247,29 @@ def test_w4a16_act_order_with_gather_and_masked():
     x = torch.randn(6, 64, generator=g).to(torch.bfloat16)
     gather = torch.tensor([5, 0, -1, 3, 3, 1, 2])
     offsets = expert_rows([2, 3, 2])
-    y, y16 = both_ways(x, qw, offsets, gather=gather)
+    y, y16 = both_ways(kernel_backend, x, qw, offsets, gather=gather)
     torch.testing.assert_close(y.float(), y16.float(), atol=1e-2, rtol=1e-2)  # summed in another k order
     expected = moe_kernels.grouped_gemm(x, qw, offsets, gather=gather)
     torch.testing.assert_close(y.float(), expected.float(), atol=1e-2, rtol=1e-2)
     xm = torch.randn(3, 4, 64, generator=g).to(torch.bfloat16)
     counts = torch.tensor([4, 1, 0])
-    with moe_kernels.use_backend("simt"):
-        y = moe_kernels.grouped_gemm(xm, qw, counts=counts)
+    y, _ = both_ways(kernel_backend, xm, qw, None, counts=counts)
     expected = moe_kernels.grouped_gemm(xm, qw, counts=counts)
     torch.testing.assert_close(y.float(), expected.float(), atol=1e-2, rtol=1e-2)
 
 
-def test_w4a16_single_matrix_and_k_not_multiple_of_32():
+def test_w4a16_single_matrix_and_k_not_multiple_of_32(kernel_backend):
     """A [N, K] weight is one expert; a per-channel weight with K = 40 takes the
     dequantize-then-GEMM path (K not a multiple of 32), with the same result."""
     g = torch.Generator().manual_seed(37)
     for qw in (random_int4(None, 16, 64, 32, seed=38), random_int4(None, 16, 40, -1, seed=39)):
         x = torch.randn(5, qw.shape[-1], generator=g).to(torch.bfloat16)
         offsets = torch.tensor([0, 5])
-        y, y16 = both_ways(x, qw, offsets)
+        y, y16 = both_ways(kernel_backend, x, qw, offsets)
         assert torch.equal(y, y16)
 
 
-def test_w4a16_backward_matches_dequantized_weight():
+def test_w4a16_backward_matches_dequantized_weight(kernel_backend):
     """Gradients of x, bias and row_scale (the weight gets none): those of the 16-bit GEMM
     with the dequantized weight."""
     qw = random_int4(2, 32, 64, 32, symmetric=False, seed=40)
@@ -278,8 +278,10 @@ def test_w4a16_backward_matches_dequantized_weight():
     bias = torch.randn(2, 32, generator=g)
     row_scale = torch.rand(7, generator=g)
     offsets = expert_rows([3, 4])
+    dev = device_of(kernel_backend)
+    qw, x, bias, row_scale, offsets = qw.to(dev), x.to(dev), bias.to(dev), row_scale.to(dev), offsets.to(dev)
     grads = []
-    with moe_kernels.use_backend("simt"):
+    with moe_kernels.use_backend(kernel_backend):
         for w in (qw, dequantize(qw, torch.bfloat16)):
             leaves = [t.clone().requires_grad_(True) for t in (x, bias, row_scale)]
             y = moe_kernels.grouped_gemm(leaves[0], w, offsets, bias=leaves[1], row_scale=leaves[2],
