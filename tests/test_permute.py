@@ -504,7 +504,9 @@ PLAN_CASES = (
      dict(T=300, E=60, k=8, expert_range=(30, 60), capacity=10, drop_policy="weight"),
      dict(T=1500, E=8, k=2, capacity=200, drop_policy="weight", align=4),
      dict(T=2200, E=2, k=1, capacity=700, drop_policy="weight"),  # > 1024 per expert
-     dict(T=1100, E=384, k=8, capacity=30, drop_policy="position", align=8, expert_range=(100, 300))]
+     dict(T=1100, E=384, k=8, capacity=30, drop_policy="position", align=8, expert_range=(100, 300)),
+     dict(T=600, E=4096, k=8), dict(T=600, E=4096, k=8, capacity=1, align=2),  # many experts, 5 tiles
+     dict(T=520, E=512, k=10, capacity=7, expert_range=(0, 500))]
 )
 
 
@@ -905,13 +907,14 @@ def test_expert_range_is_the_map_special_case(backend, kw):
     assert torch.equal(by_range.offsets[start:end + 1], by_map.offsets[:end - start + 1])
 
 
-def test_unchecked_expert_map_is_safe_in_the_kernel(kernel_backend):
+@pytest.mark.parametrize("T", [40, 700])  # one tile, two tiles
+def test_unchecked_expert_map_is_safe_in_the_kernel(kernel_backend, T):
     """A map that is not a permutation (as a GPU map may be: it is not read on the host):
     out-of-range entries count as -1, L = entries >= 0, local indices >= L are dropped,
     duplicates share a segment; the kernel agrees with the reference and never indexes out
     of bounds. The adapter is called directly (the public API checks CPU maps)."""
     expert_map = torch.tensor([4, -1, 0, 0, 9, -3], dtype=torch.int32)  # L = 3
-    _, ids, w = make_inputs(40, 1, 6, 2, torch.float32, seed=3, distinct=False)
+    _, ids, w = make_inputs(T, 1, 6, 2, torch.float32, seed=3, distinct=False)
     dev = device_of(kernel_backend)
     for capacity, by_weight in ((-1, False), (5, False), (5, True)):
         got = native(kernel_backend).permute_plan(ids.to(dev), w.to(dev), 6, capacity, 2, by_weight, 0, 6,

@@ -5,9 +5,10 @@
 //   count   one block per tile: per local expert, how many of the tile's assignments
 //           go to it (shared-memory integer counters: the totals do not depend on the
 //           order of the increments).
-//   offsets one block: per expert, an exclusive scan of its tile counts (the rank of the
-//           tile's first assignment inside the expert), then a scan over the experts for
-//           the segment starts, offsets and num_rows.
+//   offsets one block: per expert, its total over the tiles; a scan over the experts for
+//           the segment starts, offsets and num_rows; then per expert and tile the
+//           destination (row, or list position) of the tile's first assignment, so that
+//           a place block reads its tile's row of those, not all E + 1 offsets.
 //   place   one block per tile: one warp walks the tile in order, 32 assignments per
 //           round; lanes going to the same expert find each other with ballots over the
 //           expert's bits, so an assignment's rank inside its expert is exact (token, slot)
@@ -63,13 +64,15 @@ __device__ __forceinline__ float entry_weight(uint64_t e) { return __uint_as_flo
 
 // Workspace of the index stage, carved from one buffer (int32 counters: T * k < 2^31).
 struct IndexWorkspace {
-  // [num_tiles][num_local]: counts, then exclusive bases after `offsets`. Tile-major, so
-  // the count kernel's writes, the place kernel's reads (one tile each) and the offsets
-  // kernel's scan (a thread per expert, the threads of a warp on consecutive experts)
-  // are all coalesced.
+  // [num_tiles][num_local]: counts, then (offsets kernel) the destination of the tile's
+  // first assignment of the key: its row, or with the weight policy its position in
+  // `sorted`. Tile-major, so the count kernel's writes, the place kernel's reads (one tile
+  // each) and the offsets kernel's passes (a thread per expert, the threads of a warp on
+  // consecutive experts) are all coalesced.
   int32_t* tile_counts;
   int32_t* counts;       // [E]: assignments of each local expert
   int32_t* list_start;   // [E]: exclusive scan of counts (start in `sorted`)
+  int32_t* key_end;      // [E]: rows of the key are below it (where keys_end: rows can end)
   uint64_t* sorted;      // [T * k]: sorted_entry of the assignments grouped by local expert
   int num_tiles;
 };
@@ -87,6 +90,8 @@ inline IndexWorkspace index_workspace(void* base, int64_t num_assignments, int n
   w.counts = p;
   p += num_experts;
   w.list_start = p;
+  p += num_experts;
+  w.key_end = p;
   p += num_experts;
   p += (p - static_cast<int32_t*>(base)) % 2;  // 8-byte aligned (base is)
   w.sorted = reinterpret_cast<uint64_t*>(p);
@@ -112,6 +117,12 @@ __device__ __forceinline__ int local_key(const PermuteIndexParams& p, int e) {
   if (e < 0 || e >= p.num_experts) return -1;
   const int m = p.expert_map[e];
   return m >= 0 && m < p.num_experts ? m : -1;
+}
+
+// Whether a key's rows can end before its assignments do: capacity, or a map (whose
+// entries past the segments are unchecked for device maps: their keys get no rows).
+__host__ __device__ inline bool keys_end(const PermuteIndexParams& p) {
+  return p.capacity >= 0 || p.expert_map != nullptr;
 }
 
 // The segment (index of offsets) of a key: the range keeps experts at their global
@@ -284,22 +295,37 @@ __global__ void __launch_bounds__(kOffsetsThreads)
   __shared__ int64_t warp_totals[kOffsetsThreads / 32];
   const int num_local = num_keys(p);
 
-  // One thread per local expert: exclusive scan of its tile counts, in place (each tile's
-  // base rank inside the expert), and the expert's total.
+  // One thread per local expert (the threads of a warp on consecutive experts: coalesced):
+  // its total over the tiles.
   for (int l = threadIdx.x; l < num_local; l += kOffsetsThreads) {
-    int32_t* column = w.tile_counts + l;
-    int32_t carry = 0;
-    for (int tile = 0; tile < w.num_tiles; ++tile) {
-      const int32_t c = column[static_cast<int64_t>(tile) * num_local];
-      column[static_cast<int64_t>(tile) * num_local] = carry;
-      carry += c;
-    }
-    counts[l] = carry;
-    w.counts[l] = carry;
+    const int32_t* column = w.tile_counts + l;
+    int32_t total = 0;
+    for (int tile = 0; tile < w.num_tiles; ++tile) total += column[static_cast<int64_t>(tile) * num_local];
+    counts[l] = total;
+    w.counts[l] = total;
   }
   __syncthreads();
-  scan_experts(p, counts, warp_totals,
-               [&](int key, int32_t list_start, int64_t, bool) { w.list_start[key] = list_start; });
+  const bool select = p.drop_by_weight && p.capacity >= 0;
+  scan_experts(p, counts, warp_totals, [&](int key, int32_t list_start, int64_t row, bool exists) {
+    w.list_start[key] = list_start;
+    counts[key] = select ? list_start : static_cast<int32_t>(row);  // the key's first destination
+    // Rows of kept assignments are below 2^31 (the adapters refuse larger outputs).
+    const int64_t end = !exists ? row : p.capacity < 0 ? INT32_MAX : row + p.capacity;
+    if (!select && keys_end(p)) w.key_end[key] = static_cast<int32_t>(end);
+  });
+  __syncthreads();
+  // Again one thread per local expert: each tile's first destination, the key's first plus
+  // the counts of the tiles before, in place. A destination past 2^31 - 1 (never a kept
+  // row) is saturated.
+  for (int l = threadIdx.x; l < num_local; l += kOffsetsThreads) {
+    int32_t* column = w.tile_counts + l;
+    int64_t destination = counts[l];
+    for (int tile = 0; tile < w.num_tiles; ++tile) {
+      const int32_t c = column[static_cast<int64_t>(tile) * num_local];
+      column[static_cast<int64_t>(tile) * num_local] = static_cast<int32_t>(min(destination, int64_t{INT32_MAX}));
+      destination += c;
+    }
+  }
 }
 
 // The place kernel, one block per tile, staged in shared memory like the one-tile kernel
@@ -371,34 +397,25 @@ __global__ void __launch_bounds__(kPlaceThreads) permute_place_kernel(PermuteInd
   const bool stage_weights = p.weights_out != nullptr || select;
   stage_tile(p, m, num_local, begin, n, stage_weights);
   // Per key: its first list position (a scan of the tile's counts), and for list position
-  // i of the key, row = i + shift (rank inside the expert: base + i - list start, base =
-  // the tile's first rank from the offsets kernel) kept while i < limit (capacity, and a
-  // map's segment size: 0 for an index without a segment).
+  // i of the key, row (or position in `sorted`) = i + shift, shift = the tile's first
+  // destination less the list start, kept while i < limit (capacity, and a map's missing
+  // segments: none kept).
   int64_t listed = 0;
   for (int round = 0; round < num_local; round += kPlaceThreads) {
     const int l = round + threadIdx.x;
     const int count = l < num_local ? shift[l] : 0;
     int64_t round_total;
     const int64_t list_start = listed + block_exclusive_scan<kPlaceThreads>(count, warp_totals, &round_total);
-    // Every key reads its base and offsets, coalesced: reading only the keys present in
-    // the tile touched nearly as many sectors (measured: no fewer bytes moved at 4096
-    // experts) for fewer distinct bytes.
+    // Every key reads the tile's first destination from the offsets kernel, coalesced (and
+    // its key_end where rows can end): per-tile reads of all E + 1 offsets were most of
+    // this kernel's traffic beyond the minimum at 4096 experts.
     if (l < num_local) {
-      const int64_t base = w.tile_counts[static_cast<int64_t>(tile) * num_local + l];
-      int64_t key_shift = 0, key_limit = kPermuteTile;
-      if (select) {
-        key_shift = w.list_start[l] + base - list_start;
-      } else {
-        const int s = segment_of_key(p, l);
-        const int64_t start = p.offsets[s];
-        int64_t keep = p.capacity < 0 ? (int64_t{1} << 62) : p.capacity;  // ranks kept
-        if (p.expert_map != nullptr) keep = min(keep, p.offsets[s + 1] - start);
-        key_limit = min(max(keep - base + list_start, int64_t{0}), static_cast<int64_t>(kPermuteTile));
-        // Rows of kept assignments are below 2^31 (the adapters refuse larger outputs);
-        // a key with none kept here never uses its shift.
-        key_shift = key_limit > list_start ? start + base - list_start : 0;
+      const int64_t first = w.tile_counts[static_cast<int64_t>(tile) * num_local + l];
+      int64_t key_limit = kPermuteTile;
+      if (!select && keys_end(p)) {
+        key_limit = min(max(w.key_end[l] - first + list_start, int64_t{0}), static_cast<int64_t>(kPermuteTile));
       }
-      shift[l] = static_cast<int32_t>(key_shift);
+      shift[l] = static_cast<int32_t>(first - list_start);
       limit[l] = static_cast<int16_t>(key_limit);
       m.placed[l] = static_cast<int16_t>(list_start);
     }
@@ -927,7 +944,7 @@ void launch_row_dot_typed(const RowDotParams& p, cudaStream_t stream) {
 size_t permute_index_workspace_bytes(int64_t num_tokens, int k, int num_experts) {
   const int64_t n = num_tokens * k;
   const int64_t ints = static_cast<int64_t>(num_experts) * permute::permute_num_tiles(n) +
-                       2 * static_cast<int64_t>(num_experts) + 1 + 2 * n;  // 1: sorted's alignment
+                       3 * static_cast<int64_t>(num_experts) + 1 + 2 * n;  // 1: sorted's alignment
   return static_cast<size_t>(ints) * sizeof(int32_t);
 }
 
