@@ -504,7 +504,9 @@ PLAN_CASES = (
      dict(T=300, E=60, k=8, expert_range=(30, 60), capacity=10, drop_policy="weight"),
      dict(T=1500, E=8, k=2, capacity=200, drop_policy="weight", align=4),
      dict(T=2200, E=2, k=1, capacity=700, drop_policy="weight"),  # > 1024 per expert
-     dict(T=1100, E=384, k=8, capacity=30, drop_policy="position", align=8, expert_range=(100, 300))]
+     dict(T=1100, E=384, k=8, capacity=30, drop_policy="position", align=8, expert_range=(100, 300)),
+     dict(T=600, E=4096, k=8), dict(T=600, E=4096, k=8, capacity=1, align=2),  # many experts, 5 tiles
+     dict(T=520, E=512, k=10, capacity=7, expert_range=(0, 500))]
 )
 
 
@@ -538,6 +540,51 @@ def test_permute_plan_matches_reference_and_naive_loop(backend, case):
             expected_w[row_map[t, j]] = w[t, j]
         assert torch.equal(plan.weights.cpu(), expected_w)
         assert plan.num_rows.cpu().tolist() == [int(offsets[-1])]
+
+
+# The multi-tile select (T * k > 1024, drop by weight) works on groups of 32 consecutive
+# local experts: many experts with a few assignments each (4096 and 512 experts, as the
+# presets), a last group past the last expert, groups whose list is longer than the 4096
+# entries staged in shared memory (worked on in global memory), local ranges and maps,
+# capacity 0 and a capacity above every count. Weights on a grid of 1/8 tie often, some
+# negative, -0.0 and NaN among them.
+SELECT_CASES = [
+    dict(T=600, E=4096, k=8, capacity=1),
+    dict(T=600, E=4096, k=8, capacity=2, expert_range=(1000, 3100), align=4),
+    dict(T=520, E=512, k=10, capacity=7),
+    dict(T=3000, E=3, k=2, capacity=1500),  # one group of 6000 entries
+    dict(T=3000, E=40, k=2, capacity=90, skew=True),  # the first group: 5000+ entries
+    dict(T=700, E=70, k=2, capacity=15, expert_range=(5, 69)),
+    dict(T=700, E=70, k=2, capacity=15, expert_map=50),
+    dict(T=700, E=70, k=2, capacity=0),
+    dict(T=700, E=70, k=2, capacity=10000),
+]
+
+
+@pytest.mark.parametrize("case", SELECT_CASES, ids=plan_case_id)
+def test_multi_tile_select_matches_reference(backend, case):
+    kw = dict(case, drop_policy="weight")
+    T, E, k = kw.pop("T"), kw.pop("E"), kw.pop("k")
+    g = torch.Generator().manual_seed(T + E)
+    ids = torch.randint(0, E, (T, k), generator=g, dtype=torch.int32)
+    if kw.pop("skew", False):
+        ids[: T * 9 // 10] %= 4  # most assignments to 4 experts of the first group
+    w = torch.randint(-2, 9, (T, k), generator=g).float() / 8
+    w[::5, 0] = -0.0
+    w[::11, -1] = float("nan")
+    if "expert_map" in kw:
+        kw["expert_range"] = random_expert_map(E, kw.pop("expert_map"), seed=T)
+    dev = device_of(backend)
+    plan = run(backend, moe_kernels.permute_plan, ids.to(dev), E, weights=w.to(dev), **kw)
+    ref = reference.permute_plan(ids, E, weights=w, **kw)
+    for name, want in zip(("row_map", "offsets", "gather", "weights", "num_rows"), ref):
+        got = getattr(plan, name).cpu()
+        if want.dtype == torch.float32:  # bit for bit: kept NaN weights too
+            got, want = got.view(torch.int32), want.view(torch.int32)
+        assert torch.equal(got, want), name
+    if T * k <= 1500:  # the naive loop is slow
+        row_map, _, _ = naive_permute(ids, E, weights=w, **kw)
+        assert torch.equal(plan.row_map.cpu(), row_map)
 
 
 def test_permute_plan_dropless_align_one_is_a_permutation(backend):
@@ -860,13 +907,14 @@ def test_expert_range_is_the_map_special_case(backend, kw):
     assert torch.equal(by_range.offsets[start:end + 1], by_map.offsets[:end - start + 1])
 
 
-def test_unchecked_expert_map_is_safe_in_the_kernel(kernel_backend):
+@pytest.mark.parametrize("T", [40, 700])  # one tile, two tiles
+def test_unchecked_expert_map_is_safe_in_the_kernel(kernel_backend, T):
     """A map that is not a permutation (as a GPU map may be: it is not read on the host):
     out-of-range entries count as -1, L = entries >= 0, local indices >= L are dropped,
     duplicates share a segment; the kernel agrees with the reference and never indexes out
     of bounds. The adapter is called directly (the public API checks CPU maps)."""
     expert_map = torch.tensor([4, -1, 0, 0, 9, -3], dtype=torch.int32)  # L = 3
-    _, ids, w = make_inputs(40, 1, 6, 2, torch.float32, seed=3, distinct=False)
+    _, ids, w = make_inputs(T, 1, 6, 2, torch.float32, seed=3, distinct=False)
     dev = device_of(kernel_backend)
     for capacity, by_weight in ((-1, False), (5, False), (5, True)):
         got = native(kernel_backend).permute_plan(ids.to(dev), w.to(dev), 6, capacity, 2, by_weight, 0, 6,

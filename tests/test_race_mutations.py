@@ -59,6 +59,8 @@ def workload():
         big_x = torch.randn(700, 8, generator=g)
         moe_kernels.permute(big_x, big_ids, 7)
         moe_kernels.permute(big_x, big_ids, 7, capacity=90, drop_policy="weight", weights=big_w)
+        # A capacity above every count: the select keeps all without a radix pass.
+        moe_kernels.permute(big_x, big_ids, 7, capacity=1000, drop_policy="weight", weights=big_w)
         # An expert range: the offsets kernel's threads then read counts other threads wrote.
         moe_kernels.permute(big_x, big_ids, 7, expert_range=(2, 7))
         # Grouped GEMM, forward and backward: each persistent block runs several tiles (the

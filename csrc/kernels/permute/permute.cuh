@@ -5,9 +5,10 @@
 //   count   one block per tile: per local expert, how many of the tile's assignments
 //           go to it (shared-memory integer counters: the totals do not depend on the
 //           order of the increments).
-//   offsets one block: per expert, an exclusive scan of its tile counts (the rank of the
-//           tile's first assignment inside the expert), then a scan over the experts for
-//           the segment starts, offsets and num_rows.
+//   offsets one block: per expert, its total over the tiles; a scan over the experts for
+//           the segment starts, offsets and num_rows; then per expert and tile the
+//           destination (row, or list position) of the tile's first assignment, so that
+//           a place block reads its tile's row of those, not all E + 1 offsets.
 //   place   one block per tile: one warp walks the tile in order, 32 assignments per
 //           round; lanes going to the same expert find each other with ballots over the
 //           expert's bits, so an assignment's rank inside its expert is exact (token, slot)
@@ -18,10 +19,12 @@
 //   assignments grouped by expert in shared memory, so each global byte moves once and
 //   gather / weights_out are written in row order)
 //   select  (capacity with drop_policy "weight"; a single tile does it in its one block,
-//           on the list staged in shared memory) one block per local expert: a radix
-//           select of the capacity-th largest weight (keys kept in registers for up to
-//           1024 assignments, per-warp aggregated histogram, digit found by a block scan),
-//           then a block scan that keeps the winners in (token, slot) order.
+//           on the list staged in shared memory) the place kernel writes the list of
+//           assignments grouped by expert, each with its weight; one block per group of
+//           32 experts reads the group's part of the list once (staged in shared memory
+//           when it fits): per expert a radix select of the capacity-th largest weight
+//           (per-warp aggregated histogram, digit found by a block scan), then one sweep
+//           in list order keeps the winners in (token, slot) order.
 // Where an assignment gets row r, the stage also writes gather[r] (its token) and the
 // permuted weight: permute_plan is this stage alone.
 // Products round on their own, never fused into a following add (the build's -fmad=false,
@@ -49,16 +52,28 @@ __host__ __device__ __forceinline__ int64_t round_up(int64_t value, int64_t mult
   return (value + multiple - 1) / multiple * multiple;
 }
 
-// Workspace of the index stage, carved from one buffer (all int32: T * k < 2^31).
+// An entry of the list of assignments grouped by local expert: the assignment t * k + j in
+// the low 32 bits, its weight's bits in the high ones. The place kernel writes both with one
+// 8-byte store (where a tile's entries scatter, two 4-byte arrays took a sector each) and
+// the select kernel reads both in list order.
+__device__ __forceinline__ uint64_t sorted_entry(int32_t item, float weight) {
+  return static_cast<uint32_t>(item) | static_cast<uint64_t>(__float_as_uint(weight)) << 32;
+}
+__device__ __forceinline__ int32_t entry_item(uint64_t e) { return static_cast<int32_t>(e & 0xffffffffu); }
+__device__ __forceinline__ float entry_weight(uint64_t e) { return __uint_as_float(static_cast<uint32_t>(e >> 32)); }
+
+// Workspace of the index stage, carved from one buffer (int32 counters: T * k < 2^31).
 struct IndexWorkspace {
-  // [num_tiles][num_local]: counts, then exclusive bases after `offsets`. Tile-major, so
-  // the count kernel's writes, the place kernel's reads (one tile each) and the offsets
-  // kernel's scan (a thread per expert, the threads of a warp on consecutive experts)
-  // are all coalesced.
+  // [num_tiles][num_local]: counts, then (offsets kernel) the destination of the tile's
+  // first assignment of the key: its row, or with the weight policy its position in
+  // `sorted`. Tile-major, so the count kernel's writes, the place kernel's reads (one tile
+  // each) and the offsets kernel's passes (a thread per expert, the threads of a warp on
+  // consecutive experts) are all coalesced.
   int32_t* tile_counts;
   int32_t* counts;       // [E]: assignments of each local expert
   int32_t* list_start;   // [E]: exclusive scan of counts (start in `sorted`)
-  int32_t* sorted;       // [T * k]: assignments grouped by local expert (weight policy)
+  int32_t* key_end;      // [E]: rows of the key are below it (where keys_end: rows can end)
+  uint64_t* sorted;      // [T * k]: sorted_entry of the assignments grouped by local expert
   int num_tiles;
 };
 
@@ -76,7 +91,10 @@ inline IndexWorkspace index_workspace(void* base, int64_t num_assignments, int n
   p += num_experts;
   w.list_start = p;
   p += num_experts;
-  w.sorted = p;
+  w.key_end = p;
+  p += num_experts;
+  p += (p - static_cast<int32_t*>(base)) % 2;  // 8-byte aligned (base is)
+  w.sorted = reinterpret_cast<uint64_t*>(p);
   return w;
 }
 
@@ -99,6 +117,12 @@ __device__ __forceinline__ int local_key(const PermuteIndexParams& p, int e) {
   if (e < 0 || e >= p.num_experts) return -1;
   const int m = p.expert_map[e];
   return m >= 0 && m < p.num_experts ? m : -1;
+}
+
+// Whether a key's rows can end before its assignments do: capacity, or a map (whose
+// entries past the segments are unchecked for device maps: their keys get no rows).
+__host__ __device__ inline bool keys_end(const PermuteIndexParams& p) {
+  return p.capacity >= 0 || p.expert_map != nullptr;
 }
 
 // The segment (index of offsets) of a key: the range keeps experts at their global
@@ -271,22 +295,37 @@ __global__ void __launch_bounds__(kOffsetsThreads)
   __shared__ int64_t warp_totals[kOffsetsThreads / 32];
   const int num_local = num_keys(p);
 
-  // One thread per local expert: exclusive scan of its tile counts, in place (each tile's
-  // base rank inside the expert), and the expert's total.
+  // One thread per local expert (the threads of a warp on consecutive experts: coalesced):
+  // its total over the tiles.
   for (int l = threadIdx.x; l < num_local; l += kOffsetsThreads) {
-    int32_t* column = w.tile_counts + l;
-    int32_t carry = 0;
-    for (int tile = 0; tile < w.num_tiles; ++tile) {
-      const int32_t c = column[static_cast<int64_t>(tile) * num_local];
-      column[static_cast<int64_t>(tile) * num_local] = carry;
-      carry += c;
-    }
-    counts[l] = carry;
-    w.counts[l] = carry;
+    const int32_t* column = w.tile_counts + l;
+    int32_t total = 0;
+    for (int tile = 0; tile < w.num_tiles; ++tile) total += column[static_cast<int64_t>(tile) * num_local];
+    counts[l] = total;
+    w.counts[l] = total;
   }
   __syncthreads();
-  scan_experts(p, counts, warp_totals,
-               [&](int key, int32_t list_start, int64_t, bool) { w.list_start[key] = list_start; });
+  const bool select = p.drop_by_weight && p.capacity >= 0;
+  scan_experts(p, counts, warp_totals, [&](int key, int32_t list_start, int64_t row, bool exists) {
+    w.list_start[key] = list_start;
+    counts[key] = select ? list_start : static_cast<int32_t>(row);  // the key's first destination
+    // Rows of kept assignments are below 2^31 (the adapters refuse larger outputs).
+    const int64_t end = !exists ? row : p.capacity < 0 ? INT32_MAX : row + p.capacity;
+    if (!select && keys_end(p)) w.key_end[key] = static_cast<int32_t>(end);
+  });
+  __syncthreads();
+  // Again one thread per local expert: each tile's first destination, the key's first plus
+  // the counts of the tiles before, in place. A destination past 2^31 - 1 (never a kept
+  // row) is saturated.
+  for (int l = threadIdx.x; l < num_local; l += kOffsetsThreads) {
+    int32_t* column = w.tile_counts + l;
+    int64_t destination = counts[l];
+    for (int tile = 0; tile < w.num_tiles; ++tile) {
+      const int32_t c = column[static_cast<int64_t>(tile) * num_local];
+      column[static_cast<int64_t>(tile) * num_local] = static_cast<int32_t>(min(destination, int64_t{INT32_MAX}));
+      destination += c;
+    }
+  }
 }
 
 // The place kernel, one block per tile, staged in shared memory like the one-tile kernel
@@ -355,37 +394,28 @@ __global__ void __launch_bounds__(kPlaceThreads) permute_place_kernel(PermuteInd
   const int64_t begin = static_cast<int64_t>(tile) * kPermuteTile;
   const int n = static_cast<int>(min(static_cast<int64_t>(kPermuteTile), p.num_tokens * p.k - begin));
   const bool select = p.drop_by_weight && p.capacity >= 0;  // the select kernel places rows
-  const bool stage_weights = p.weights_out != nullptr && !select;
+  const bool stage_weights = p.weights_out != nullptr || select;
   stage_tile(p, m, num_local, begin, n, stage_weights);
   // Per key: its first list position (a scan of the tile's counts), and for list position
-  // i of the key, row = i + shift (rank inside the expert: base + i - list start, base =
-  // the tile's first rank from the offsets kernel) kept while i < limit (capacity, and a
-  // map's segment size: 0 for an index without a segment).
+  // i of the key, row (or position in `sorted`) = i + shift, shift = the tile's first
+  // destination less the list start, kept while i < limit (capacity, and a map's missing
+  // segments: none kept).
   int64_t listed = 0;
   for (int round = 0; round < num_local; round += kPlaceThreads) {
     const int l = round + threadIdx.x;
     const int count = l < num_local ? shift[l] : 0;
     int64_t round_total;
     const int64_t list_start = listed + block_exclusive_scan<kPlaceThreads>(count, warp_totals, &round_total);
-    // Every key reads its base and offsets, coalesced: reading only the keys present in
-    // the tile touched nearly as many sectors (measured: no fewer bytes moved at 4096
-    // experts) for fewer distinct bytes.
+    // Every key reads the tile's first destination from the offsets kernel, coalesced (and
+    // its key_end where rows can end): per-tile reads of all E + 1 offsets were most of
+    // this kernel's traffic beyond the minimum at 4096 experts.
     if (l < num_local) {
-      const int64_t base = w.tile_counts[static_cast<int64_t>(tile) * num_local + l];
-      int64_t key_shift = 0, key_limit = kPermuteTile;
-      if (select) {
-        key_shift = w.list_start[l] + base - list_start;
-      } else {
-        const int s = segment_of_key(p, l);
-        const int64_t start = p.offsets[s];
-        int64_t keep = p.capacity < 0 ? (int64_t{1} << 62) : p.capacity;  // ranks kept
-        if (p.expert_map != nullptr) keep = min(keep, p.offsets[s + 1] - start);
-        key_limit = min(max(keep - base + list_start, int64_t{0}), static_cast<int64_t>(kPermuteTile));
-        // Rows of kept assignments are below 2^31 (the adapters refuse larger outputs);
-        // a key with none kept here never uses its shift.
-        key_shift = key_limit > list_start ? start + base - list_start : 0;
+      const int64_t first = w.tile_counts[static_cast<int64_t>(tile) * num_local + l];
+      int64_t key_limit = kPermuteTile;
+      if (!select && keys_end(p)) {
+        key_limit = min(max(w.key_end[l] - first + list_start, int64_t{0}), static_cast<int64_t>(kPermuteTile));
       }
-      shift[l] = static_cast<int32_t>(key_shift);
+      shift[l] = static_cast<int32_t>(first - list_start);
       limit[l] = static_cast<int16_t>(key_limit);
       m.placed[l] = static_cast<int16_t>(list_start);
     }
@@ -398,7 +428,8 @@ __global__ void __launch_bounds__(kPlaceThreads) permute_place_kernel(PermuteInd
     const int a = m.list[i];
     const int key = m.key[a];
     if (select) {
-      w.sorted[shift[key] + i] = static_cast<int32_t>(begin + a);  // the select kernel writes row_map
+      // The select kernel writes row_map, gather and weights_out from the list.
+      w.sorted[shift[key] + i] = sorted_entry(static_cast<int32_t>(begin + a), m.weight[a]);
       continue;
     }
     const int32_t row = i < limit[key] ? shift[key] + i : -1;
@@ -512,9 +543,17 @@ __global__ void __launch_bounds__(kOffsetsThreads, 1)
   }
 }
 
-// Keys per thread the select kernel keeps in registers: up to kSelectCached *
-// kSelectThreads assignments of an expert are read once; beyond, each pass re-reads them.
-constexpr int kSelectCached = 4;
+// The select kernel, one block per group of kSelectGroup consecutive local keys, whose
+// lists are consecutive in `sorted`: the block reads the group's range of the list once,
+// coalesced, into shared memory when it fits (else it works on it in global memory, still
+// in list order and coalesced, once per radix pass); per key with more assignments than
+// it keeps, a radix select of the keep-th largest weight (per-warp aggregated histogram,
+// digit found by a block scan); then one sweep over the range in list order keeps the
+// winners and writes row_map, gather and weights_out. One block per key read each key's
+// few bytes of metadata and list one sector each, gathered the weights one per sector and
+// wrote its rows in instructions of its own (4-7x the minimum traffic at 256-4096 experts).
+constexpr int kSelectGroup = 32;    // keys per block: warp 0 reads their metadata at once
+constexpr int kSelectStage = 4096;  // list entries staged in shared memory (32 KiB)
 
 // histogram[digit] += the lanes of this warp with that digit (256: none): one atomic per
 // distinct digit, by its lowest lane, not one per lane (weights in (0, 1] share one or
@@ -531,72 +570,84 @@ __device__ __forceinline__ void warp_count_digit(int32_t* histogram, int digit) 
   if (digit < 256 && __popc(peers & ((1u << lane) - 1u)) == 0) atomicAdd(&histogram[digit], __popc(peers));
 }
 
+// A key of the select kernel's group. It keeps the weight keys above threshold and the
+// first keep_equal equal to it (list order is (token, slot) order: ties keep the lower
+// assignment); threshold 0 with keep_equal = its count keeps all (every weight key is
+// above 0: NaN ranks as -inf).
+struct SelectKey {
+  int32_t begin, end;  // its entries in the group's range of the list
+  int64_t segment;     // its first row
+  int64_t keep;        // rows it may fill
+  uint32_t threshold;
+  int64_t keep_equal;
+  int64_t equal_base;  // the sweep's running totals at its first entry
+  int64_t kept_base;
+};
+
 __global__ void __launch_bounds__(kSelectThreads)
     permute_select_kernel(PermuteIndexParams p, IndexWorkspace w) {
+  __shared__ SelectKey keys[kSelectGroup];
+  __shared__ int32_t range[2];   // the group's entries in the list
   __shared__ int32_t histogram[256];
   __shared__ int64_t choice[2];  // digit, still to keep among keys equal to the prefix
   __shared__ int64_t warp_totals[kSelectThreads / 32];
-  __shared__ int64_t expert[4];  // n, list start, segment, keep: read once, not per warp
-  const int l = blockIdx.x;
   const int tid = threadIdx.x;
-  if (tid == 0) {
-    const int s = segment_of_key(p, l);
-    expert[0] = w.counts[l];
-    expert[1] = w.list_start[l];
-    expert[2] = p.offsets[s];
-    // The segment may be smaller than capacity only for an unchecked map (size 0).
-    expert[3] = min(p.capacity, p.offsets[s + 1] - expert[2]);
+  const int first_key = blockIdx.x * kSelectGroup;
+  const int group = min(kSelectGroup, num_keys(p) - first_key);
+
+  if (tid < kSelectGroup) {  // warp 0, lane j on key first_key + j: coalesced reads
+    int32_t begin = 0, count = 0;
+    int64_t segment = 0, keep = 0;
+    if (tid < group) {
+      const int s = segment_of_key(p, first_key + tid);
+      begin = w.list_start[first_key + tid];
+      count = w.counts[first_key + tid];
+      segment = p.offsets[s];
+      // The segment may be smaller than capacity only for an unchecked map (size 0).
+      keep = min(p.capacity, p.offsets[s + 1] - segment);
+    }
+    const int32_t first = __shfl_sync(kFullMask, begin, 0);
+    const int32_t last = __shfl_sync(kFullMask, begin + count, group - 1);
+    if (tid >= group) begin = last;  // no entries past the last key
+    keys[tid] = SelectKey{begin - first, begin - first + count, segment, keep, 0u, count, 0, 0};
+    if (tid == 0) {
+      range[0] = first;
+      range[1] = last;
+    }
   }
   __syncthreads();
-  const int64_t n = expert[0];
-  const int32_t* items = w.sorted + expert[1];
-  const int64_t segment = expert[2];
-  const int64_t keep = expert[3];
-  if (n == 0) return;  // the whole block: n is uniform
-
-  // Up to kSelectCached keys per thread in registers: item r of a thread is
-  // r * kSelectThreads + tid.
-  const bool cached = n <= static_cast<int64_t>(kSelectCached) * kSelectThreads;
-  int32_t item_r[kSelectCached];
-  uint32_t key_r[kSelectCached];
-#pragma unroll
-  for (int r = 0; r < kSelectCached; ++r) {
-    const int64_t i = static_cast<int64_t>(r) * kSelectThreads + tid;
-    const bool valid = cached && i < n;
-    item_r[r] = valid ? items[i] : 0;
-    key_r[r] = valid ? weight_key(p.weights[item_r[r]]) : 0u;
+  const int len = range[1] - range[0];
+  // Each lane reads whole 8-byte entries: coalesced, and no bank conflict in shared memory.
+  // No barrier after the staging: the radix passes read the entries after their first
+  // barrier, and the sweep's thread reads only the entries it staged itself.
+  const uint64_t* entries = w.sorted + range[0];
+  if (len <= kSelectStage) {  // uniform
+    uint64_t* staged = dynamic_smem<uint64_t>();
+    for (int i = tid; i < len; i += kSelectThreads) staged[i] = entries[i];
+    entries = staged;
   }
 
-  // Keep keys above `threshold` and the first `keep_equal` keys equal to it (list order
-  // is (token, slot) order, so ties keep the lower assignment).
-  uint32_t threshold = 0;
-  int64_t keep_equal = n;
-  if (n > keep) {
+  // Thresholds of the keys with more entries than they keep, one key at a time (the
+  // loops are uniform: every bound comes from shared memory).
+  for (int j = 0; j < group; ++j) {
+    const int begin = keys[j].begin, end = keys[j].end;
+    const int64_t keep = keys[j].keep;
+    if (end - begin <= keep) continue;
     uint32_t prefix = 0;
     int64_t need = keep;
     for (int shift = 24; shift >= 0; shift -= 8) {
       const uint32_t high = shift == 24 ? 0u : (0xffffffffu << (shift + 8));
-      auto digit_of = [&](bool valid, uint32_t key) {
-        return valid && (key & high) == prefix ? static_cast<int>((key >> shift) & 255u) : 256;
-      };
       histogram[tid] = 0;
       __syncthreads();
-      if (cached) {
-#pragma unroll
-        for (int r = 0; r < kSelectCached; ++r) {
-          warp_count_digit(histogram, digit_of(r * kSelectThreads + tid < n, key_r[r]));
-        }
-      } else {
-        for (int64_t base = 0; base < n; base += kSelectThreads) {
-          const int64_t i = base + tid;
-          const bool valid = i < n;
-          warp_count_digit(histogram, digit_of(valid, valid ? weight_key(p.weights[items[i]]) : 0u));
-        }
+      for (int base = begin; base < end; base += kSelectThreads) {
+        const int i = base + tid;
+        const uint32_t key = i < end ? weight_key(entry_weight(entries[i])) : 0u;
+        warp_count_digit(histogram, i < end && (key & high) == prefix ? static_cast<int>((key >> shift) & 255u) : 256);
       }
       __syncthreads();
       // The digit of the need-th largest key: thread t takes digit 255 - t; the scan gives
       // the count above it, and the one thread whose digit reaches `need` writes the choice
-      // (need 0, i.e. capacity 0: digit 255, keep none equal).
+      // (need 0, i.e. keep 0: digit 255, keep none equal).
       const int digit = 255 - tid;
       const int64_t count = histogram[digit];
       int64_t total;
@@ -604,48 +655,55 @@ __global__ void __launch_bounds__(kSelectThreads)
       if ((above < need && above + count >= need) || (need == 0 && tid == 0)) {
         choice[0] = digit;
         choice[1] = need - above;
+        if (shift == 0) {  // the last digit: the key's threshold, read after the barrier below
+          keys[j].threshold = prefix | static_cast<uint32_t>(digit);
+          keys[j].keep_equal = need - above;
+        }
       }
       __syncthreads();
       // choice is rewritten in the next pass only after two more barriers.
       prefix |= static_cast<uint32_t>(choice[0]) << shift;
       need = choice[1];
     }
-    threshold = prefix;
-    keep_equal = need;
   }
 
+  // The sweep, in list order: the scans of "equal to the threshold" and "kept" over the
+  // whole range, less their values at the key's first entry, give ranks inside the key.
   int64_t equal_before = 0, kept_before = 0;
-  auto place = [&](bool in_range, int32_t a, uint32_t key) {  // every thread, in item order
-    const bool equal = in_range && key == threshold;
-    int64_t equal_total, kept_total;
-    const int64_t equal_rank =
-        equal_before + block_exclusive_scan<kSelectThreads>(equal, warp_totals, &equal_total);
-    const bool kept = in_range && (key > threshold || (equal && equal_rank < keep_equal));
-    const int64_t kept_rank =
-        kept_before + block_exclusive_scan<kSelectThreads>(kept, warp_totals, &kept_total);
-    if (in_range) {
-      p.row_map[a] = kept ? segment + kept_rank : -1;
+  for (int base = 0; base < len; base += kSelectThreads) {
+    const int i = base + tid;
+    const bool valid = i < len;
+    int j = 0, hi = group - 1;  // the key of entry i: the first whose entries end past i
+    while (j < hi) {
+      const int mid = (j + hi) / 2;
+      if (keys[mid].end > i) {
+        hi = mid;
+      } else {
+        j = mid + 1;
+      }
+    }
+    const bool first = valid && i == keys[j].begin;
+    const uint64_t e = valid ? entries[i] : 0u;
+    const uint32_t key = weight_key(entry_weight(e));
+    const uint32_t threshold = keys[j].threshold;
+    const bool equal = valid && key == threshold;
+    int64_t total;
+    const int64_t equal_rank = equal_before + block_exclusive_scan<kSelectThreads>(equal, warp_totals, &total);
+    equal_before += total;
+    if (first) keys[j].equal_base = equal_rank;
+    __syncthreads();
+    const bool kept = valid && (key > threshold || (equal && equal_rank - keys[j].equal_base < keys[j].keep_equal));
+    const int64_t kept_rank = kept_before + block_exclusive_scan<kSelectThreads>(kept, warp_totals, &total);
+    kept_before += total;
+    if (first) keys[j].kept_base = kept_rank;
+    __syncthreads();
+    if (valid) {
+      const int64_t row = kept ? keys[j].segment + kept_rank - keys[j].kept_base : -1;
+      p.row_map[entry_item(e)] = row;
       if (kept) {
-        p.gather[segment + kept_rank] = a / p.k;
-        if (p.weights_out != nullptr) p.weights_out[segment + kept_rank] = p.weights[a];
+        p.gather[row] = entry_item(e) / p.k;
+        if (p.weights_out != nullptr) p.weights_out[row] = entry_weight(e);
       }
-    }
-    equal_before += equal_total;
-    kept_before += kept_total;
-  };
-  if (cached) {
-#pragma unroll
-    for (int r = 0; r < kSelectCached; ++r) {
-      if (static_cast<int64_t>(r) * kSelectThreads < n) {  // uniform
-        place(r * kSelectThreads + tid < n, item_r[r], key_r[r]);
-      }
-    }
-  } else {
-    for (int64_t base = 0; base < n; base += kSelectThreads) {
-      const int64_t i = base + tid;
-      const bool in_range = i < n;
-      const int32_t a = in_range ? items[i] : 0;
-      place(in_range, a, in_range ? weight_key(p.weights[a]) : 0u);
     }
   }
 }
@@ -886,7 +944,7 @@ void launch_row_dot_typed(const RowDotParams& p, cudaStream_t stream) {
 size_t permute_index_workspace_bytes(int64_t num_tokens, int k, int num_experts) {
   const int64_t n = num_tokens * k;
   const int64_t ints = static_cast<int64_t>(num_experts) * permute::permute_num_tiles(n) +
-                       2 * static_cast<int64_t>(num_experts) + n;
+                       3 * static_cast<int64_t>(num_experts) + 1 + 2 * n;  // 1: sorted's alignment
   return static_cast<size_t>(ints) * sizeof(int32_t);
 }
 
@@ -925,7 +983,9 @@ void launch_permute_index(const PermuteIndexParams& p, cudaStream_t stream) {
   }
   if (p.drop_by_weight && p.capacity >= 0 && w.num_tiles > 1) {  // one tile: selected above
     launch_kernel("permute_select_kernel", permute::permute_select_kernel,
-                  LaunchConfig{dim3(num_local), dim3(permute::kSelectThreads), 0, stream}, p, w);
+                  LaunchConfig{dim3(ceil_div(num_local, permute::kSelectGroup)), dim3(permute::kSelectThreads),
+                               permute::kSelectStage * sizeof(uint64_t), stream},
+                  p, w);
   }
 }
 
