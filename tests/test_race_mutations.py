@@ -17,7 +17,7 @@ from conftest import needs_observer
 
 KERNELS = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "kernels"
 # The kernels the package ships (testing/ holds the emulator's own probes).
-SOURCES = sorted(str(p.relative_to(KERNELS)) for family in ("routing", "permute", "gemm")
+SOURCES = sorted(str(p.relative_to(KERNELS)) for family in ("routing", "permute", "gemm", "quant")
                  for p in (KERNELS / family).glob("*.cuh")) + ["common/reduce.cuh"]
 BARRIER = re.compile(r"^\s*[^/]*\b(__syncthreads|__syncwarp)\s*\(")
 
@@ -76,6 +76,19 @@ def workload():
         yg.float().sum().backward()
         moe_kernels.grouped_gemm(xg.detach()[:6], wg.detach()[:, :256].contiguous().repeat(1, 2, 1),
                                  torch.tensor([0, 1, 1, 6]), config="16x64")
+        # 4-bit weights: dequantize with more tiles than blocks (33 on 32), quantize, and the
+        # W4A16 GEMM (the ring of group slots; 10 tiles on 8 blocks, and the decode tile).
+        codes = torch.randint(0, 256, (1, 1056, 32), generator=g, dtype=torch.uint8)
+        scales = (torch.rand(1, 2, 1056, generator=g) / 8).to(torch.bfloat16)
+        moe_kernels.quant.dequantize(moe_kernels.quant.QuantizedWeight("int4", codes, scales, group_size=32))
+        moe_kernels.quant.quantize_int4(torch.randn(8, 64, generator=g), 32, symmetric=False)
+        qw = moe_kernels.quant.QuantizedWeight(
+            "int4", torch.randint(0, 256, (3, 272, 128), generator=g, dtype=torch.uint8),
+            (torch.rand(3, 8, 272, generator=g) / 8).to(torch.bfloat16),
+            torch.randint(0, 16, (3, 8, 272), generator=g, dtype=torch.uint8), group_size=32)
+        xq = torch.randn(40, 256, generator=g).to(torch.bfloat16)
+        moe_kernels.grouped_gemm(xq, qw, offsets, activation="silu_and_mul", config="64x64")
+        moe_kernels.grouped_gemm(xq[:6], qw, torch.tensor([0, 1, 1, 6]), config="16x64")
         many = 1100
         moe_kernels.grouped_gemm(torch.randn(3, 8, generator=g).to(torch.bfloat16),
                                  torch.randn(many, 8, 8, generator=g).to(torch.bfloat16),

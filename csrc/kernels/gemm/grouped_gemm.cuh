@@ -103,7 +103,7 @@ __global__ void __launch_bounds__(Tr::THREADS, Tr::MIN_BLOCKS) grouped_gemm_kern
   const int out_per_tile = gated ? Tr::BN / 2 : Tr::BN;
   const int64_t n_tiles = (n_out + out_per_tile - 1) / out_per_tile;
   // The schedule's tile count, read by one thread (as each tile's lookup below).
-  __shared__ int32_t scheduled_m_tiles;
+  __shared__ int64_t scheduled_m_tiles;
   if (threadIdx.x == 0) scheduled_m_tiles = tile_start[E];
   __syncthreads();
   const int64_t total = static_cast<int64_t>(scheduled_m_tiles) * n_tiles;
@@ -153,7 +153,7 @@ __global__ void __launch_bounds__(Tr::THREADS, Tr::MIN_BLOCKS) grouped_gemm_kern
       tile_info[1] = first;
       tile_info[2] = left < Tr::BM ? left : Tr::BM;
     }
-    __syncthreads();
+    __syncthreads();  // ... and the previous tile's last reads of the stages are done
     const int e = static_cast<int>(tile_info[0]);
     const int64_t row0 = tile_info[1];
     const int tile_rows = static_cast<int>(tile_info[2]);
@@ -334,9 +334,10 @@ __global__ void __launch_bounds__(Tr::THREADS, Tr::MIN_BLOCKS) grouped_gemm_kern
           v[j][0] = acc.c[i][j].reg[2 * h];
           v[j][1] = acc.c[i][j].reg[2 * h + 1];
           if (!valid[j]) continue;
-          if (bias_e != nullptr) {
-            v[j][0] += bias_e[col[j]];
-            v[j][1] += bias_e[col[j] + 1];
+          if (bias_e != nullptr) {  // one 8-byte load (col is even, rows of N even)
+            const float2 b = *reinterpret_cast<const float2*>(bias_e + col[j]);
+            v[j][0] += b.x;
+            v[j][1] += b.y;
           }
           if (pre != nullptr) store_pair(pre + row * p.n + col[j], v[j][0], v[j][1]);
         }
@@ -372,7 +373,8 @@ __global__ void __launch_bounds__(Tr::THREADS, Tr::MIN_BLOCKS) grouped_gemm_kern
     const int64_t out_cols = n_out - out0 < out_per_tile ? n_out - out0 : out_per_tile;
     store_staged_tile<Tr::THREADS>(staged, OUT_STRIDE, tile_rows, out_cols,
                                    static_cast<T*>(p.y) + row0 * n_out + out0, n_out);
-    __syncthreads();  // the next tile's prologue overwrites the stages
+    // (The next tile's first barrier, after its lookup, orders these reads of the stages
+    // before its prologue overwrites them.)
   }
 
   // Rows of y (and of the saved pre-activation) that no expert covers are zeros: one warp

@@ -24,7 +24,7 @@ constexpr int kDequantRows = 32;
 constexpr int kDequantMaxGroups = 9;
 
 template <typename T>
-__global__ void __launch_bounds__(kDequantThreads) dequantize_kernel(DequantizeParams p) {
+__global__ void __launch_bounds__(kDequantThreads, 4) dequantize_kernel(DequantizeParams p) {
   constexpr int V = 16 / sizeof(T);
   constexpr int TILE_K = 32 * V;
   static_assert(TILE_K / 32 + 1 <= kDequantMaxGroups, "staged groups");
@@ -74,13 +74,19 @@ __global__ void __launch_bounds__(kDequantThreads) dequantize_kernel(DequantizeP
         } else {
           bits = *reinterpret_cast<const uint16_t*>(codes);
         }
-        union {
-          uint4 raw;
-          T elems[V];
-        } v;
+        auto value = [&](int j) { return code_value((bits >> (4 * j)) & 15u, w.format, scale, zero); };
+        uint32_t words[4];  // the 16 bytes, built in registers
 #pragma unroll
-        for (int j = 0; j < V; ++j) v.elems[j] = from_float<T>(code_value((bits >> (4 * j)) & 15u, w.format, scale, zero));
-        store_vec16(dst, v.raw);
+        for (int i = 0; i < 4; ++i) {
+          if constexpr (V == 8) {
+            words[i] = pack_pair<T>(value(2 * i), value(2 * i + 1));
+          } else {
+            words[i] = __float_as_uint(value(i));
+          }
+        }
+        uint4 raw;
+        raw.x = words[0], raw.y = words[1], raw.z = words[2], raw.w = words[3];
+        store_vec16(dst, raw);
       } else {
         for (int j = 0; j < V && col + j < p.k; ++j) {
           const uint32_t byte = codes[j / 2];

@@ -49,14 +49,24 @@ __global__ void __launch_bounds__(kQuantizeThreads) quantize_int4_kernel(Quantiz
   for (int64_t item = blockIdx.x * int64_t{kQuantizeThreads / 32} + threadIdx.x / 32; item < items; item += warps) {
     const int64_t row = item / groups, g = item % groups;
     const T* src = w + row * p.k + g * group;
+    // Pairs i = 2 lane + 64 c: the first kCachedPairs kept in registers (compile-time
+    // indices, so the array stays in registers), the rest read again below.
     float cached[kCachedPairs][2];
     float lo = 0.f, hi = 0.f;  // the range includes 0 (asymmetric); amax = max(-lo, hi)
-    for (int64_t i = 2 * lane, c = 0; i < group; i += 64, ++c) {
-      const float v0 = to_float(src[i]), v1 = to_float(src[i + 1]);
-      if (c < kCachedPairs) cached[c][0] = v0, cached[c][1] = v1;
+    auto widen = [&](float v0, float v1) {
       lo = fminf(lo, fminf(v0, v1));
       hi = fmaxf(hi, fmaxf(v0, v1));
+    };
+#pragma unroll
+    for (int c = 0; c < kCachedPairs; ++c) {
+      const int64_t i = 2 * lane + 64 * c;
+      cached[c][0] = cached[c][1] = 0.f;
+      if (i < group) {
+        cached[c][0] = to_float(src[i]), cached[c][1] = to_float(src[i + 1]);
+        widen(cached[c][0], cached[c][1]);
+      }
     }
+    for (int64_t i = 2 * lane + 64 * kCachedPairs; i < group; i += 64) widen(to_float(src[i]), to_float(src[i + 1]));
     lo = warp_allreduce<32>(lo, MinOp{});
     hi = warp_allreduce<32>(hi, MaxOp{});
     float range = p.symmetric ? fmaxf(-lo, hi) / 7.5f : (hi - lo) / 15.f;
@@ -73,14 +83,13 @@ __global__ void __launch_bounds__(kQuantizeThreads) quantize_int4_kernel(Quantiz
     // Symmetric: clamp(rint(v / s), -8, 7) + 8 = clamp(rint(v / s) + 8, 0, 15).
     auto code = [&](float v) { return static_cast<uint32_t>(fminf(fmaxf(rintf(v / s) + zero, 0.f), 15.f)); };
     uint8_t* dst = p.codes + row * (p.k / 2) + g * group / 2;
-    for (int64_t i = 2 * lane, c = 0; i < group; i += 64, ++c) {
-      float v0, v1;
-      if (c < kCachedPairs) {
-        v0 = cached[c][0], v1 = cached[c][1];
-      } else {
-        v0 = to_float(src[i]), v1 = to_float(src[i + 1]);
-      }
-      dst[i / 2] = static_cast<uint8_t>(code(v0) | (code(v1) << 4));
+#pragma unroll
+    for (int c = 0; c < kCachedPairs; ++c) {
+      const int64_t i = 2 * lane + 64 * c;
+      if (i < group) dst[i / 2] = static_cast<uint8_t>(code(cached[c][0]) | (code(cached[c][1]) << 4));
+    }
+    for (int64_t i = 2 * lane + 64 * kCachedPairs; i < group; i += 64) {
+      dst[i / 2] = static_cast<uint8_t>(code(to_float(src[i])) | (code(to_float(src[i + 1])) << 4));
     }
   }
 }
