@@ -587,7 +587,7 @@ struct SelectKey {
 __global__ void __launch_bounds__(kSelectThreads)
     permute_select_kernel(PermuteIndexParams p, IndexWorkspace w) {
   __shared__ SelectKey keys[kSelectGroup];
-  __shared__ int32_t range[2];   // the group's entries in the list
+  __shared__ int64_t range[2];   // the group's entries in the list (64-bit: nvcc and the emulator then lay out the same padding)
   __shared__ int32_t histogram[256];
   __shared__ int64_t choice[2];  // digit, still to keep among keys equal to the prefix
   __shared__ int64_t warp_totals[kSelectThreads / 32];
@@ -616,7 +616,7 @@ __global__ void __launch_bounds__(kSelectThreads)
     }
   }
   __syncthreads();
-  const int len = range[1] - range[0];
+  const int len = static_cast<int>(range[1] - range[0]);
   // Each lane reads whole 8-byte entries: coalesced, and no bank conflict in shared memory.
   // No barrier after the staging: the radix passes read the entries after their first
   // barrier, and the sweep's thread reads only the entries it staged itself.
