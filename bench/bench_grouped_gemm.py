@@ -421,24 +421,31 @@ def main():
             torch.cuda.empty_cache()  # this preset's weights are gone
     if live:
         print("\r" + " " * 100 + "\r", end="", file=sys.stderr)
+    return report(rows, args, gpu, peaks, gpu_table(rows, peaks) if gpu else cpu_table(rows),
+                  dict(skipped=_skipped, presets={name: GEMM_PRESETS[name] for name in presets}))
+
+
+def report(rows, args, gpu, peaks, table_text, meta_extra, plot_rows=None):
+    """Prints the rows (the harness table and `table_text`: the GPU figures, or the CPU
+    traffic counters), writes <out>/<name>.json (meta + rows) and .png; returns rows."""
     device = peaks["name"] if gpu else "CPU (simt emulator on scaled-down shapes; no GPU figures)"
     if gpu:
-        print(f"{args.name} on {device}\n{harness.format_table(rows)}\n\n{gpu_table(rows, peaks)}")
+        print(f"{args.name} on {device}\n{harness.format_table(rows)}\n\n{table_text}")
     else:
         print(f"{args.name} on {device}")
         if any(r.get("traffic") for r in rows):
-            print(cpu_table(rows))
+            print(table_text)
         timed = [r for r in rows if not r.get("traffic")]
         if timed:
             print(f"wall-clock on the CPU (no GPU figures):\n{harness.format_table(timed)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(script=args.name, device=device, torch=torch.__version__, quick=args.quick,
-                iters=args.iters, warmup=args.warmup, peaks=peaks, skipped=_skipped,
-                presets={name: GEMM_PRESETS[name] for name in presets},
+                iters=args.iters, warmup=args.warmup, peaks=peaks, **meta_extra,
                 simt_calls_per_case=None if gpu else 1)
     (out / f"{args.name}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    harness.plot(rows, out / f"{args.name}.png", f"{args.name} on {device if gpu else 'CPU (emulator)'}")
+    harness.plot(plot_rows or rows, out / f"{args.name}.png",
+                 f"{args.name} on {device if gpu else 'CPU (emulator)'}")
     print(f"wrote {out / (args.name + '.json')} and .png")
     return rows
 

@@ -42,9 +42,7 @@ Every GEMM row of the JSON records ``gemm_config(...)`` of its problem (the 4-bi
 launches the tile the bf16 heuristic picks for the same m, n, k).
 """
 
-import json
 import sys
-from pathlib import Path
 
 import torch
 
@@ -285,30 +283,12 @@ def main():
                 torch.cuda.empty_cache()  # this preset's weights are gone
     if live:
         print("\r" + " " * 100 + "\r", end="", file=sys.stderr)
-    device = peaks["name"] if gpu else "CPU (simt emulator on scaled-down shapes; no GPU figures)"
-    if gpu:
-        print(f"{args.name} on {device}\n{harness.format_table(rows)}\n\n{gpu_table(rows, peaks)}")
-    else:
-        print(f"{args.name} on {device}")
-        if any(r.get("traffic") for r in rows):
-            print(cpu_table(rows))
-        timed = [r for r in rows if not r.get("traffic")]
-        if timed:
-            print(f"wall-clock on the CPU (no GPU figures):\n{harness.format_table(timed)}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = dict(script=args.name, device=device, torch=torch.__version__, quick=args.quick,
-                iters=args.iters, warmup=args.warmup, peaks=peaks, skipped=_skipped + bgg._skipped,
-                presets={name: bgg.GEMM_PRESETS[name] for name in presets}, formats=FORMATS,
-                mxfp4_scale_exponents=[MXFP4_SCALES[0], MXFP4_SCALES[1] - 1],
-                weight_read_bound=WEIGHT_READ_BOUND, goal=dict(speedup=GOAL_SPEEDUP, hbm_fraction=GOAL_HBM),
-                simt_calls_per_case=None if gpu else 1)
-    (out / f"{args.name}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    meta = dict(skipped=_skipped + bgg._skipped, presets={name: bgg.GEMM_PRESETS[name] for name in presets},
+                formats=FORMATS, mxfp4_scale_exponents=[MXFP4_SCALES[0], MXFP4_SCALES[1] - 1],
+                weight_read_bound=WEIGHT_READ_BOUND, goal=dict(speedup=GOAL_SPEEDUP, hbm_fraction=GOAL_HBM))
     # The plot: one group per problem (op without the format), one bar per weight format.
     plot_rows = [dict(r, op=r["op"].rsplit(" ", 1)[0], backend=f"{r['backend']} {r['weights']}") for r in rows]
-    harness.plot(plot_rows, out / f"{args.name}.png", f"{args.name} on {device if gpu else 'CPU (emulator)'}")
-    print(f"wrote {out / (args.name + '.json')} and .png")
-    return rows
+    return bgg.report(rows, args, gpu, peaks, gpu_table(rows, peaks) if gpu else cpu_table(rows), meta, plot_rows)
 
 
 if __name__ == "__main__":
