@@ -97,12 +97,16 @@ def token_counts(gpu, quick):
     return tokens if gpu else tuple(dict.fromkeys(min(t, CPU_MAX_TOKENS) for t in tokens))
 
 
-def routing(tokens, experts, k, device, seed):
-    """Seeded random top-k: ids [T, k] and their softmax weights (fp32)."""
-    g = torch.Generator(device=device).manual_seed(seed)
+def routed_plan(tokens, experts, k, device):
+    """A seeded random top-k (seed = tokens; softmax weights) laid out by ``permute_plan``
+    (align 1, no capacity), and the number of experts with rows. Setup only: built by the
+    reference, the same layout on every backend, outside the timed calls."""
+    g = torch.Generator(device=device).manual_seed(tokens)
     logits = torch.randn(tokens, experts, generator=g, device=device)
     values, ids = torch.topk(logits, k, dim=1)
-    return ids, torch.softmax(values, dim=1)
+    with moe_kernels.use_backend("reference"):
+        plan = moe_kernels.permute_plan(ids, experts, weights=torch.softmax(values, dim=1))
+    return plan, int((plan.offsets[1:] > plan.offsets[:-1]).sum())
 
 
 def randn(shape, device, scale, g):
@@ -211,13 +215,10 @@ def preset_cases(name, args, gpu, pairs):
     b13 = randn((experts, 2 * inter), device, 0.1, g) if p.get("bias") else None
     b2 = randn((experts, hidden), device, 0.1, g) if p.get("bias") else None
     for tokens in token_counts(gpu, args.quick):
-        ids, weights = routing(tokens, experts, k, device, seed=tokens)
-        with moe_kernels.use_backend("reference"):  # setup only: the same layout everywhere
-            plan = moe_kernels.permute_plan(ids, experts, weights=weights)
+        plan, active = routed_plan(tokens, experts, k, device)
         m = tokens * k
         offsets, gather = plan.offsets, plan.gather
         row_scale = plan.weights.detach()
-        active = int((offsets[1:] > offsets[:-1]).sum())  # setup only, outside the timed calls
         x = randn((tokens, hidden), device, 1.0, g)
         h = randn((m, inter), device, 1.0, g)
         label = f"{name} T={tokens}" + ("" if gpu else f" [E={experts} H={hidden} I={inter}]")
