@@ -154,9 +154,11 @@ __global__ void __launch_bounds__(Tr::THREADS, Tr::MIN_BLOCKS) grouped_gemm_kern
       tile_info[2] = left < Tr::BM ? left : Tr::BM;
     }
     __syncthreads();  // ... and the previous tile's last reads of the stages are done
-    const int e = static_cast<int>(tile_info[0]);
-    const int64_t row0 = tile_info[1];
-    const int tile_rows = static_cast<int>(tile_info[2]);
+    // Clamped into range (they are in range): a value read before thread 0 wrote it, were
+    // the barrier above missing, must show as the race it is, not as a wild address.
+    const int e = static_cast<int>(ExpertRows::clamp(tile_info[0], 0, E - 1));
+    const int64_t row0 = ExpertRows::clamp(tile_info[1], 0, p.rows.m);
+    const int tile_rows = static_cast<int>(ExpertRows::clamp(tile_info[2], 0, Tr::BM));
     const T* w_e = Q4 ? nullptr : w + static_cast<int64_t>(e) * p.n * p.k;
 
     // Each thread's A rows and B rows (or columns) are fixed for the whole tile.
