@@ -6,7 +6,9 @@ the same kernels in the SIMT emulator on the CPU, or a PyTorch reference.
 
 from . import quant
 from ._backend import available_backends, use_backend
+from . import presets
 from .gemm import GemmConfig, gemm_config, grouped_gemm
+from .layer import MoE, fused_moe
 from .permute import (PermutePlan, PermuteResult, capacity_from_factor, permute, permute_plan,
                       unpermute)
 from .routing import (expert_choice_gating, hash_gating, load_balancing_loss, router_stats,
@@ -15,8 +17,8 @@ from .routing import (expert_choice_gating, hash_gating, load_balancing_loss, ro
 
 __all__ = [
     "GemmConfig", "PermutePlan", "PermuteResult", "available_backends", "capacity_from_factor",
-    "expert_choice_gating", "gemm_config", "grouped_gemm", "hash_gating", "load_balancing_loss", "permute", "permute_plan",
-    "quant", "router_stats", "router_z_loss", "sequence_load_balancing_loss", "topk_gating", "unpermute",
+    "MoE", "expert_choice_gating", "fused_moe", "gemm_config", "grouped_gemm", "hash_gating", "load_balancing_loss", "permute", "permute_plan",
+    "presets", "quant", "router_stats", "router_z_loss", "sequence_load_balancing_loss", "topk_gating", "unpermute",
     "update_routing_bias", "use_backend",
 ]
 __version__ = "0.1.0"
