@@ -288,12 +288,15 @@ class _GroupedGemmFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, bias, row_scale, offsets, counts, gather, w_kn, activation, alpha, limit,
-                forced_tile, backend, quantized=None):
+                forced_tile, backend, grad_enabled, quantized=None):
         # quantized: a 4-bit weight's (scales, zeros, format code, group size), w its codes;
         # the backward dequantizes it for dx (the weight itself gets no gradient).
         code = _ACTIVATION_CODE[activation]
-        # (grad mode is off inside forward: needs_input_grad tells what the backward needs)
-        training = any(ctx.needs_input_grad[:4])
+        # Grad mode is off inside forward: the caller passes whether it was on, and
+        # needs_input_grad tells what the backward needs (under torch.no_grad it still reports
+        # the parameters' requires_grad, and saving the pre-activation there would cost an
+        # [M, N] float32 write in every inference call).
+        training = grad_enabled and any(ctx.needs_input_grad[:4])
         save_pre = training and (activation is not None or ctx.needs_input_grad[3])
         bias32 = None if bias is None else bias.float().contiguous()
         scale32 = None if row_scale is None else row_scale.float().contiguous()
@@ -356,7 +359,7 @@ class _GroupedGemmFunction(torch.autograd.Function):
         if need_scale:
             grad_scale = grad_scale.to(ctx.scale_dtype)
         return (grad_x, grad_w, grad_bias, grad_scale if need_scale else None,
-                None, None, None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None, None, None)
 
 
 def grouped_gemm(x, w, offsets=None, *, counts=None, gather=None, w_layout="nk", bias=None,
@@ -440,7 +443,8 @@ def grouped_gemm(x, w, offsets=None, *, counts=None, gather=None, w_layout="nk",
     if row_scale is not None:
         row_scale = row_scale.contiguous()
     return _GroupedGemmFunction.apply(_aligned(x), _aligned(w), bias, row_scale, offsets, counts, gather,
-                                      w_layout == "kn", activation, alpha, limit, forced, backend)
+                                      w_layout == "kn", activation, alpha, limit, forced, backend,
+                                      torch.is_grad_enabled())
 
 
 def _act_order_columns(x, perm, offsets, counts, gather):
@@ -470,5 +474,5 @@ def _grouped_gemm_q4(x, qw, offsets, counts, gather, bias, activation, alpha, li
     if row_scale is not None:
         row_scale = row_scale.contiguous()
     return _GroupedGemmFunction.apply(_aligned(x), codes, bias, row_scale, offsets, counts, gather, False,
-                                      activation, alpha, limit, forced, backend,
+                                      activation, alpha, limit, forced, backend, torch.is_grad_enabled(),
                                       (scales, zeros, format_code, group_size))

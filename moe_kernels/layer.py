@@ -22,6 +22,7 @@ backward)."""
 
 import contextlib
 import contextvars
+import fractions
 import math
 
 import torch
@@ -35,7 +36,7 @@ from ._checks import (FLOAT_DTYPES, check_bool, check_choice, check_int, check_n
 from ._library import native_call
 from ._limits import MAX_EXPERTS
 from .gemm import _gather_segments, grouped_gemm
-from .permute import capacity_from_factor, permute_plan, unpermute
+from .permute import permute_plan, unpermute
 from .quant import QuantizedWeight
 from .routing import (SCORINGS, expert_choice_gating, load_balancing_loss, router_stats,
                       router_z_loss, topk_gating, update_routing_bias)
@@ -516,13 +517,13 @@ class MoE(nn.Module):
         return F.linear(x.to(dtype), self.router_weight.to(dtype), bias)
 
     def capacity(self, num_tokens):
-        """The capacity used for `num_tokens` tokens (None: dropless)."""
-        if self.routing == "expert_choice":
-            factor = 1.0 if self.capacity_factor is None else self.capacity_factor
-            return math.ceil(num_tokens * self.k * factor / self.num_experts)
-        if self.capacity_factor is None:
+        """The capacity used for `num_tokens` tokens (None: dropless):
+        ``ceil(num_tokens * k * capacity_factor / E)`` (``capacity_from_factor``'s exact
+        rule), in integer arithmetic so torch.compile traces it."""
+        if self.routing == "topk" and self.capacity_factor is None:
             return None
-        return capacity_from_factor(num_tokens, self.k, self.num_experts, self.capacity_factor)
+        factor = fractions.Fraction(repr(1.0 if self.capacity_factor is None else self.capacity_factor))
+        return -(-(num_tokens * self.k * factor.numerator) // (self.num_experts * factor.denominator))
 
     def forward(self, x):
         """``[..., H]`` -> ``[..., H]``, in x's dtype (the expert weights' dtype)."""
