@@ -559,16 +559,41 @@ class MoE(nn.Module):
         return update_routing_bias(self.selection_bias, counts, rate)
 
     def quantize(self, group_size=128, symmetric=True):
-        """Replace the routed expert weights by 4-bit int4 ``QuantizedWeight`` (W4A16); the
-        router and the shared expert stay in 16 bits. Inference only: the 4-bit weights get
-        no gradient (x and the rest still do). Needs ``w_layout="nk"``."""
+        """Replace the routed expert weights by 4-bit int4 ``QuantizedWeight`` (W4A16,
+        ``quantize_int4``); the router and the shared expert stay in 16 bits."""
         from .quant import quantize_int4
         if self.w_layout != "nk":
             raise ValueError("w_layout: 4-bit weights are [E, N, K] (construct the layer with w_layout='nk')")
-        w13, w2 = self.w13, self.w2
-        del self.w13, self.w2
-        self.w13 = quantize_int4(w13.detach(), group_size=group_size, symmetric=symmetric)
-        self.w2 = quantize_int4(w2.detach(), group_size=group_size, symmetric=symmetric)
+        return self.load_quantized(quantize_int4(self.w13.detach(), group_size=group_size, symmetric=symmetric),
+                                   quantize_int4(self.w2.detach(), group_size=group_size, symmetric=symmetric))
+
+    def load_quantized(self, w13, w2):
+        """Use 4-bit expert weights: ``QuantizedWeight`` ``[E, N1, H]`` and ``[E, H, I]``, e.g.
+        from ``quant.from_gptq`` / ``from_awq`` / ``from_compressed_tensors`` /
+        ``from_mxfp4`` or ``quantize_int4``. They replace the w13 / w2 parameters (which
+        must be in the "nk" layout); the 4-bit weights get no gradient, x and the rest still
+        do. ``.to()`` / ``.cuda()`` of the layer move them too."""
+        if self.w_layout != "nk":
+            raise ValueError("w_layout: 4-bit weights are [E, N, K] (construct the layer with w_layout='nk')")
+        expected = {"w13": tuple(self.w13.shape), "w2": tuple(self.w2.shape)}
+        for name, qw in (("w13", w13), ("w2", w2)):
+            if not isinstance(qw, QuantizedWeight):
+                raise TypeError(f"{name}: expected a QuantizedWeight, got {type(qw).__name__}")
+            if tuple(qw.shape) != expected[name]:
+                raise ValueError(f"{name}: expected shape {expected[name]}, got {tuple(qw.shape)}")
+        for name, qw in (("w13", w13), ("w2", w2)):
+            if name in self._parameters:
+                del self._parameters[name]
+            object.__setattr__(self, name, qw)
+        return self
+
+    def _apply(self, fn, recurse=True):
+        # nn.Module moves parameters and buffers; the 4-bit weights are plain attributes.
+        super()._apply(fn, recurse)
+        for name in ("w13", "w2"):
+            qw = getattr(self, name)
+            if isinstance(qw, QuantizedWeight):
+                object.__setattr__(self, name, qw._replace(**{n: fn(t) for n, t in qw._tensors().items()}))
         return self
 
     def extra_repr(self):

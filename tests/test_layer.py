@@ -271,6 +271,43 @@ def test_four_bit_weights():
     assert_close(xg.grad, xd.grad, tol=2 * TOL)
 
 
+def test_four_bit_checkpoints_through_the_importers():
+    from moe_kernels import quant
+    # GPTQ: the importer's weight gives the layer exactly what quantize() gave it.
+    layer = make_layer("olmoe", hidden_size=64, intermediate_size=64)
+    x = tokens(layer)
+    w13 = quant.quantize_int4(layer.w13.detach(), group_size=32, symmetric=False)
+    w2 = quant.quantize_int4(layer.w2.detach(), group_size=32, symmetric=False)
+    direct = make_layer("olmoe", hidden_size=64, intermediate_size=64).load_quantized(w13, w2)
+    imported = make_layer("olmoe", hidden_size=64, intermediate_size=64).load_quantized(
+        quant.from_gptq(**quant.to_gptq(w13)), quant.from_awq(**quant.to_awq(w2)))
+    with torch.no_grad():
+        assert torch.equal(run("simt", imported, x), run("simt", direct, x))
+    # GPT-OSS MXFP4 blocks ([E, 2I, H/32, 16], gate/up interleaved): the "nk" layout.
+    gpt = make_layer("gpt_oss", hidden_size=64, intermediate_size=32, w_layout="nk")
+    g = torch.Generator().manual_seed(3)
+
+    def mxfp4(n, k):
+        blocks = torch.randint(0, 256, (gpt.num_experts, n, k // 32, 16), generator=g, dtype=torch.uint8)
+        scales = torch.randint(122, 126, (gpt.num_experts, n, k // 32), generator=g, dtype=torch.uint8)
+        return quant.from_mxfp4(blocks, scales)
+
+    gpt.load_quantized(mxfp4(64, 64), mxfp4(64, 32))
+    assert "w13" not in dict(gpt.named_parameters())
+    x = tokens(gpt)
+    with torch.no_grad():
+        assert_close(run("simt", gpt, x), run("reference", gpt, x))
+    with pytest.raises(ValueError, match="w13: expected shape"):
+        make_layer("olmoe").load_quantized(w13, w2)
+    with pytest.raises(TypeError, match="w2: expected a QuantizedWeight"):
+        make_layer("olmoe", hidden_size=64, intermediate_size=64).load_quantized(w13, layer.w2)
+    # The layer's dtype conversion reaches the int4 scales (and leaves the codes alone).
+    direct.to(torch.float16)
+    assert direct.w13.scales.dtype == torch.float16 and direct.w13.codes.dtype == torch.uint8
+    with torch.no_grad():
+        assert run("simt", direct, x.half()).dtype == torch.float16
+
+
 def test_three_dimensional_input_and_float16():
     layer = make_layer("olmoe", dtype=torch.float16)
     x = torch.randn(2, 3, layer.hidden_size).half()
