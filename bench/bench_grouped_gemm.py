@@ -3,8 +3,8 @@
     python bench/bench_grouped_gemm.py [--quick] [--out DIR]
 
 For each preset's expert shapes (GEMM_PRESETS: entries of moe_kernels.presets.PRESETS) at
-T in {1, 16, 256, 4096, 16384} tokens, routed by a seeded random top-k and laid out by ``permute_plan`` (align 1, no capacity:
-M = T*k rows):
+T in {1, 16, 256, 4096, 16384} tokens, routed by a seeded random top-k and laid out by
+``permute_plan`` (align 1, no capacity: M = T*k rows):
 
 - gemm1: ``x [T, H]`` read in place through the plan's gather, times ``w13 [E, 2I, H]``,
   activation silu_and_mul (GPT-OSS: swiglu_oai + bias): N = 2I, K = H, y ``[M, I]``;

@@ -1,4 +1,4 @@
-"""The whole MoE layer (moe_kernels.MoE), forward and forward + backward, vs the PyTorch reference and transformers' MoE blocks.
+"""The whole MoE layer, forward and forward + backward, vs the reference and transformers' blocks.
 
     python bench/bench_layer.py [--quick] [--out DIR]
 

@@ -3,13 +3,14 @@
     python bench/traffic_report.py [--quick] [--out DIR] [--tokens N] [--hidden H]
 
 Runs every op on the model presets' routing shapes (experts, k, scoring, groups: of
-moe_kernels.presets.PRESETS, through harness.bench_preset) with the token count and hidden size scaled down to what the
-emulator runs in seconds, and counts each kernel launch: global bytes the threads asked
-for, the 32-byte sectors their warp-level instructions touched (what the GPU's memory
-system moves), the minimum (every distinct byte read once and written once) and their
-ratio, the traffic amplification; for shared memory, the wavefronts against the
-conflict-free count and the worst bank conflict. Prints a table per kernel (worst case
-over the presets) and writes <out>/traffic_report.json with every launch.
+moe_kernels.presets.PRESETS, through harness.bench_preset) with the token count and hidden
+size scaled down to what the emulator runs in seconds, and counts each kernel launch:
+global bytes the threads asked for, the 32-byte sectors their warp-level instructions
+touched (what the GPU's memory system moves), the minimum (every distinct byte read once
+and written once) and their ratio, the traffic amplification; for shared memory, the
+wavefronts against the conflict-free count and the worst bank conflict. Prints a table per
+kernel (worst case over the presets) and writes <out>/traffic_report.json with every
+launch.
 
 This is our GPU-free performance figure for memory-bound kernels: an amplification near
 1 means the kernel moves what it must; above it, re-reads or uncoalesced accesses.
