@@ -2,9 +2,9 @@
 
     python bench/bench_grouped_gemm.py [--quick] [--out DIR]
 
-For each preset's expert shapes (GEMM_PRESETS) at T in {1, 16, 256, 4096, 16384} tokens,
-routed by a seeded random top-k and laid out by ``permute_plan`` (align 1, no capacity:
-M = T*k rows):
+For each preset's expert shapes (GEMM_PRESETS: entries of moe_kernels.presets.PRESETS) at
+T in {1, 16, 256, 4096, 16384} tokens, routed by a seeded random top-k and laid out by
+``permute_plan`` (align 1, no capacity: M = T*k rows):
 
 - gemm1: ``x [T, H]`` read in place through the plan's gather, times ``w13 [E, 2I, H]``,
   activation silu_and_mul (GPT-OSS: swiglu_oai + bias): N = 2I, K = H, y ``[M, I]``;
@@ -53,19 +53,20 @@ import moe_kernels
 from moe_kernels import emulator
 from moe_kernels.reference.gemm import epilogue as reference_epilogue
 
-# Expert shapes (E experts, hidden H, expert intermediate I, top-k). cpu_div divides H and I
-# for the emulator so that each CPU case runs in about a second; they are rounded to multiples
-# of 64, as every preset's own H and I are (K then has no partial k-tile, as on the GPU).
+# The expert shapes (E experts, hidden H, expert intermediate I, top-k, activation, expert
+# biases) come from moe_kernels.presets.PRESETS through harness.bench_preset. Per benchmark
+# case: the preset, ep (its experts on one rank of ep-way expert parallelism: DeepSeek-V3's
+# 256 / 8 local experts) and cpu_div, which divides H and I for the emulator so that each CPU
+# case runs in about a second; they are rounded to multiples of 64, as every preset's own H
+# and I are (K then has no partial k-tile, as on the GPU).
 GEMM_PRESETS = {
-    "mixtral-8x7b": dict(experts=8, hidden=4096, inter=14336, k=2, cpu_div=32),
-    "qwen3-30b-a3b": dict(experts=128, hidden=2048, inter=768, k=8, cpu_div=16),
-    "qwen3-next": dict(experts=512, hidden=2048, inter=512, k=10, cpu_div=16),
-    # DeepSeek-V3's experts on one rank of 8-way expert parallelism (256 / 8 local experts).
-    "deepseek-v3-ep8": dict(experts=32, hidden=7168, inter=2048, k=8, cpu_div=32),
-    "gpt-oss-120b": dict(experts=128, hidden=2880, inter=2880, k=4, cpu_div=24,
-                         activation="swiglu_oai", bias=True),
+    "mixtral": dict(preset="mixtral", cpu_div=32),
+    "qwen3_moe": dict(preset="qwen3_moe", cpu_div=16),
+    "qwen3_next": dict(preset="qwen3_next", cpu_div=16),
+    "deepseek_v3-ep8": dict(preset="deepseek_v3", ep=8, cpu_div=32),
+    "gpt_oss": dict(preset="gpt_oss", cpu_div=24),
 }
-QUICK_PRESETS = ("mixtral-8x7b", "gpt-oss-120b")
+QUICK_PRESETS = ("mixtral", "gpt_oss")
 TOKENS = (1, 16, 256, 4096, 16384)
 QUICK_TOKENS = (1, 16)
 DECODE_TOKENS = (1, 16)
@@ -76,13 +77,24 @@ MM_LOOP, GROUPED_MM = "torch.mm-loop", "torch._grouped_mm"
 BASELINES = (MM_LOOP, GROUPED_MM)
 
 
+def gemm_preset(name):
+    """harness.bench_preset of a GEMM_PRESETS entry, its experts divided by its ep degree,
+    with its cpu_div and ep."""
+    entry = GEMM_PRESETS[name]
+    p = harness.bench_preset(entry["preset"])
+    if not p["gated"]:
+        raise ValueError(f"{name}: gemm1 is benchmarked with a gated activation (N = 2I)")
+    ep = entry.get("ep", 1)
+    return dict(p, experts=p["experts"] // ep, ep=ep, cpu_div=entry["cpu_div"])
+
+
 def round64(value):
     return max(64, int(round(value / 64)) * 64)
 
 
 def problem_shape(name, gpu, quick):
     """(E, H, I, k) of a preset: its own on a GPU, scaled down for the emulator on a CPU."""
-    p = GEMM_PRESETS[name]
+    p = gemm_preset(name)
     experts, hidden, inter, k = p["experts"], p["hidden"], p["inter"], p["k"]
     if not gpu:
         hidden, inter = round64(hidden / p["cpu_div"]), round64(inter / p["cpu_div"])
@@ -205,15 +217,15 @@ def forward_backward(make, inputs, grad_names, grad_y):
 def preset_cases(name, args, gpu, pairs):
     """Yields (Case, extra) for one preset: extra holds what goes into the JSON row beyond
     the harness's fields. Tensors are built here, per preset, and freed with its cases."""
-    p = GEMM_PRESETS[name]
+    p = gemm_preset(name)
     experts, hidden, inter, k = problem_shape(name, gpu, args.quick)
     device = "cuda" if gpu else "cpu"
     activation = p.get("activation", "silu_and_mul")
     g = torch.Generator(device=device).manual_seed(1)
     w13 = randn((experts, 2 * inter, hidden), device, hidden ** -0.5, g)
     w2 = randn((experts, hidden, inter), device, inter ** -0.5, g)
-    b13 = randn((experts, 2 * inter), device, 0.1, g) if p.get("bias") else None
-    b2 = randn((experts, hidden), device, 0.1, g) if p.get("bias") else None
+    b13 = randn((experts, 2 * inter), device, 0.1, g) if p["expert_bias"] else None
+    b2 = randn((experts, hidden), device, 0.1, g) if p["expert_bias"] else None
     for tokens in token_counts(gpu, args.quick):
         plan, active = routed_plan(tokens, experts, k, device)
         m = tokens * k
@@ -423,7 +435,7 @@ def main():
     if live:
         print("\r" + " " * 100 + "\r", end="", file=sys.stderr)
     return report(rows, args, gpu, peaks, gpu_table(rows, peaks) if gpu else cpu_table(rows),
-                  dict(skipped=_skipped, presets={name: GEMM_PRESETS[name] for name in presets}))
+                  dict(skipped=_skipped, presets={name: gemm_preset(name) for name in presets}))
 
 
 def report(rows, args, gpu, peaks, table_text, meta_extra, plot_rows=None):

@@ -101,15 +101,15 @@ def fits(fmt, k, what):
 
 def gemm_cases(name, args, gpu, backends):
     """Yields (Case, extra) for one preset's GEMMs, every weight format."""
-    p = bgg.GEMM_PRESETS[name]
+    p = bgg.gemm_preset(name)
     experts, hidden, inter, k = bgg.problem_shape(name, gpu, args.quick)
     device = "cuda" if gpu else "cpu"
     activation = p.get("activation", "silu_and_mul")
     g = torch.Generator(device=device).manual_seed(1)
     w13 = bgg.randn((experts, 2 * inter, hidden), device, hidden ** -0.5, g)
     w2 = bgg.randn((experts, hidden, inter), device, inter ** -0.5, g)
-    b13 = bgg.randn((experts, 2 * inter), device, 0.1, g) if p.get("bias") else None
-    b2 = bgg.randn((experts, hidden), device, 0.1, g) if p.get("bias") else None
+    b13 = bgg.randn((experts, 2 * inter), device, 0.1, g) if p["expert_bias"] else None
+    b2 = bgg.randn((experts, hidden), device, 0.1, g) if p["expert_bias"] else None
     weights = {}
     for fmt in FORMATS:
         for key, w in (("w13", w13), ("w2", w2)):
@@ -280,7 +280,7 @@ def main():
                 torch.cuda.empty_cache()  # this preset's weights are gone
     if live:
         print("\r" + " " * 100 + "\r", end="", file=sys.stderr)
-    meta = dict(skipped=_skipped + bgg._skipped, presets={name: bgg.GEMM_PRESETS[name] for name in presets},
+    meta = dict(skipped=_skipped + bgg._skipped, presets={name: bgg.gemm_preset(name) for name in presets},
                 formats=FORMATS, mxfp4_scale_exponents=[MXFP4_SCALES[0], MXFP4_SCALES[1] - 1],
                 weight_read_bound=WEIGHT_READ_BOUND, goal=dict(speedup=GOAL_SPEEDUP, hbm_fraction=GOAL_HBM))
     # The plot: one group per problem (op without the format), one bar per weight format.

@@ -2,9 +2,10 @@
 
     python bench/bench_permute.py [--quick] [--out DIR]
 
-permute: dropless with align 1 for every preset, plus align 128 (grouped-GEMM tiles) and,
-for the capacity-factor models (Switch, GShard), capacity factor 1.25 with the position
-policy. permute_plan: the same layouts without the row copy (dropless only).
+permute: dropless with align 1 for every preset (moe_kernels.presets.PRESETS through
+harness.bench_preset), plus align 128 (grouped-GEMM tiles) and, for the capacity-factor
+models (those with a capacity_factor: Switch 1.25, GShard 2.0), their capacity factor
+with the position policy. permute_plan: the same layouts without the row copy (dropless only).
 unpermute: the weighted sum over k back to token order.
 """
 
@@ -15,7 +16,6 @@ import moe_kernels
 
 TOKENS = (16, 256, 4096, 16384)
 QUICK_TOKENS = (4, 64)
-CAPACITY_MODELS = ("switch", "gshard")
 
 
 def routing(tokens, experts, k, device):
@@ -51,23 +51,24 @@ def unpermute_bytes(out, weights, hidden):
 
 def main():
     args = harness.parse_args(__doc__.splitlines()[0])
-    presets = harness.QUICK_PRESETS if args.quick else tuple(harness.MODEL_PRESETS)
+    presets = harness.QUICK_PRESETS if args.quick else tuple(harness.PRESETS)
     if args.quick:
         presets = presets + ("switch",)  # a capacity model too
     cases = []
     for backend, device in harness.backends(args):
         for name in presets:
-            preset = harness.MODEL_PRESETS[name]
+            preset = harness.bench_preset(name)
             experts, k, hidden = preset["experts"], preset["k"], preset["hidden"]
             for tokens in QUICK_TOKENS if args.quick else TOKENS:
                 x = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16)
                 ids, weights = routing(tokens, experts, k, device)
                 variants = [("", {})]
-                if not args.quick or name == "mixtral-8x7b":  # keeps --quick under seconds
+                if not args.quick or name == "mixtral":  # keeps --quick under seconds
                     variants.append((" align=128", dict(align=128)))
-                if name in CAPACITY_MODELS:
-                    cap = moe_kernels.capacity_from_factor(tokens, k, experts, 1.25)
-                    variants.append((" cf=1.25", dict(capacity=cap)))
+                factor = preset["capacity_factor"]
+                if factor:
+                    cap = moe_kernels.capacity_from_factor(tokens, k, experts, factor)
+                    variants.append((f" cf={factor:g}", dict(capacity=cap)))
                 shape = dict(T=tokens, H=hidden, E=experts, k=k)
                 for suffix, kw in variants:
                     with moe_kernels.use_backend(backend):

@@ -2,9 +2,10 @@
 
     python bench/bench_routing.py [--quick] [--out DIR]
 
-Each preset's full routing configuration (DESIGN.md section 6: scoring, selection bias,
-group-limited choice, renormalize, scaling) runs at T in {1, 16, 256, 4096, 16384}
-tokens with bfloat16 logits; --quick takes harness.QUICK_PRESETS at T in {1, 16}.
+Each preset's full routing configuration (moe_kernels.presets.PRESETS through
+harness.bench_preset: scoring, selection bias, group-limited choice, renormalize, scaling)
+runs at T in {1, 16, 256, 4096, 16384} tokens with bfloat16 logits; --quick takes
+harness.QUICK_PRESETS at T in {1, 16}.
 """
 
 import torch
@@ -14,14 +15,12 @@ import moe_kernels
 
 TOKENS = (1, 16, 256, 4096, 16384)
 QUICK_TOKENS = (1, 16)
-ROUTING_KEYS = ("scoring", "num_groups", "topk_groups", "group_scoring", "renormalize",
-                "scaling_factor")
 
 
 def routing_kwargs(preset, device):
     """topk_gating keyword arguments of a preset (the bias, when it has one, is random:
     only its presence changes the work)."""
-    kwargs = {key: preset[key] for key in ROUTING_KEYS if key in preset}
+    kwargs = dict(preset["routing"])
     if preset.get("bias"):
         kwargs["bias"] = torch.randn(preset["experts"], device=device) * 0.1
     return kwargs
@@ -29,11 +28,11 @@ def routing_kwargs(preset, device):
 
 def main():
     args = harness.parse_args(__doc__.splitlines()[0])
-    presets = harness.QUICK_PRESETS if args.quick else harness.MODEL_PRESETS
+    presets = harness.QUICK_PRESETS if args.quick else tuple(harness.PRESETS)
     cases = []
     for backend, device in harness.backends(args):
         for name in presets:
-            preset = harness.MODEL_PRESETS[name]
+            preset = harness.bench_preset(name)
             experts, k = preset["experts"], preset["k"]
             kwargs = routing_kwargs(preset, device)
             for tokens in QUICK_TOKENS if args.quick else TOKENS:

@@ -23,27 +23,36 @@ from typing import Callable, Optional
 
 import torch
 
-# Routing of the models we serve (DESIGN.md section 6), with hidden sizes for the
-# data-movement ops. Switch and GShard are representative configurations of the papers.
-MODEL_PRESETS = {
-    "switch": dict(experts=128, k=1, hidden=768, scoring="softmax"),
-    "gshard": dict(experts=512, k=2, hidden=1024, scoring="softmax"),
-    "mixtral-8x7b": dict(experts=8, k=2, hidden=4096, scoring="softmax", renormalize=True),
-    "qwen2-moe": dict(experts=60, k=4, hidden=3584, scoring="softmax"),
-    "qwen3-moe": dict(experts=128, k=8, hidden=4096, scoring="softmax", renormalize=True),
-    "qwen3-next": dict(experts=512, k=10, hidden=2048, scoring="softmax", renormalize=True),
-    "deepseek-v2": dict(experts=160, k=6, hidden=5120, scoring="softmax", num_groups=8,
-                        topk_groups=3, group_scoring="max", scaling_factor=16.0),
-    "deepseek-v3": dict(experts=256, k=8, hidden=7168, scoring="sigmoid", bias=True, num_groups=8,
-                        topk_groups=4, group_scoring="top2_sum", renormalize=True,
-                        scaling_factor=2.5),
-    "kimi-k2": dict(experts=384, k=8, hidden=7168, scoring="sigmoid", bias=True, renormalize=True,
-                    scaling_factor=2.827),
-    "gpt-oss": dict(experts=128, k=4, hidden=2880, scoring="softmax", renormalize=True),
-    "llama4": dict(experts=128, k=1, hidden=5120, scoring="sigmoid"),
-    "olmoe": dict(experts=64, k=8, hidden=2048, scoring="softmax"),
-}
-QUICK_PRESETS = ("mixtral-8x7b", "deepseek-v3")
+from moe_kernels.presets import PRESETS, preset_config  # noqa: F401 (PRESETS: for the scripts)
+
+# The model presets are moe_kernels.presets.PRESETS (the one table the layer, the tests and
+# the benchmarks read); bench_preset maps an entry to what the op benchmarks need.
+QUICK_PRESETS = ("mixtral", "deepseek_v3")
+GATED_ACTIVATIONS = ("silu_and_mul", "gelu_and_mul", "gelu_tanh_and_mul", "swiglu_oai")
+ROUTING_KEYS = ("scoring", "num_groups", "topk_groups", "group_scoring", "renormalize",
+                "scaling_factor")
+
+
+def bench_preset(name, **overrides):
+    """What the op benchmarks read of preset `name` (``moe_kernels.presets.PRESETS``, with
+    `overrides` of its constructor arguments applied), as a flat dict:
+
+    - ``experts``, ``k``, ``hidden``, ``inter`` (the expert width I): the sizes;
+    - ``routing``: ``topk_gating`` keyword arguments (scoring, groups, renormalize,
+      scaling), only those the preset sets; ``bias``: whether the gating takes a selection
+      bias (DeepSeek-V3's ``e_score_correction_bias``);
+    - ``activation`` (gemm1's fused activation), ``gated``, ``expert_bias`` (biases on both
+      expert projections), ``capacity_factor`` (None: dropless), ``shared_inter`` (the
+      shared expert's width, 0: none).
+    """
+    c = preset_config(name, **overrides)
+    activation = c.get("activation", "silu_and_mul")
+    return dict(experts=c["num_experts"], k=c["k"], hidden=c["hidden_size"], inter=c["intermediate_size"],
+                routing={key: c[key] for key in ROUTING_KEYS if key in c},
+                bias=bool(c.get("selection_bias")), activation=activation,
+                gated=activation in GATED_ACTIVATIONS, expert_bias=bool(c.get("expert_bias")),
+                capacity_factor=c.get("capacity_factor"),
+                shared_inter=c.get("shared_intermediate_size", 0))
 
 # Peak HBM bandwidth (GB/s) and dense bf16 tensor-core throughput (TFLOP/s), from the
 # vendors' data sheets; matched against torch.cuda.get_device_name() in this order.

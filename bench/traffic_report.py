@@ -2,14 +2,15 @@
 
     python bench/traffic_report.py [--quick] [--out DIR] [--tokens N] [--hidden H]
 
-Runs every op on the model presets' routing shapes (experts, k, scoring, groups: as in
-harness.MODEL_PRESETS) with the token count and hidden size scaled down to what the
-emulator runs in seconds, and counts each kernel launch: global bytes the threads asked
-for, the 32-byte sectors their warp-level instructions touched (what the GPU's memory
-system moves), the minimum (every distinct byte read once and written once) and their
-ratio, the traffic amplification; for shared memory, the wavefronts against the
-conflict-free count and the worst bank conflict. Prints a table per kernel (worst case
-over the presets) and writes <out>/traffic_report.json with every launch.
+Runs every op on the model presets' routing shapes (experts, k, scoring, groups: of
+moe_kernels.presets.PRESETS, through harness.bench_preset) with the token count and hidden
+size scaled down to what the emulator runs in seconds, and counts each kernel launch:
+global bytes the threads asked for, the 32-byte sectors their warp-level instructions
+touched (what the GPU's memory system moves), the minimum (every distinct byte read once
+and written once) and their ratio, the traffic amplification; for shared memory, the
+wavefronts against the conflict-free count and the worst bank conflict. Prints a table per
+kernel (worst case over the presets) and writes <out>/traffic_report.json with every
+launch.
 
 This is our GPU-free performance figure for memory-bound kernels: an amplification near
 1 means the kernel moves what it must; above it, re-reads or uncoalesced accesses.
@@ -25,11 +26,12 @@ import harness
 import moe_kernels
 from moe_kernels import emulator
 
-QUICK_PRESETS = ("mixtral-8x7b", "deepseek-v3")
+QUICK_PRESETS = harness.QUICK_PRESETS
 # The model presets plus the largest expert count the kernels take (their widest rows).
 # Assignments (tokens * k) of the multi-tile index case: four tiles of 1024.
 MULTI_TILE_ASSIGNMENTS = 4096
-PRESETS = dict(harness.MODEL_PRESETS, **{"e4096": dict(experts=4096, k=8, scoring="softmax")})
+PRESETS = dict({name: harness.bench_preset(name) for name in harness.PRESETS},
+               e4096=dict(experts=4096, k=8, routing=dict(scoring="softmax"), bias=False))
 
 
 def run_preset(name, tokens, hidden):
@@ -38,8 +40,7 @@ def run_preset(name, tokens, hidden):
     E, k = p["experts"], p["k"]
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(tokens, E, generator=g).to(torch.bfloat16).requires_grad_(True)
-    gating_kwargs = {key: p[key] for key in ("scoring", "num_groups", "topk_groups", "group_scoring",
-                                            "scaling_factor", "renormalize") if key in p}
+    gating_kwargs = dict(p["routing"])
     if p.get("bias"):
         gating_kwargs["bias"] = torch.randn(E, generator=g) * 0.1
     x = torch.randn(tokens, hidden, generator=g, dtype=torch.bfloat16)

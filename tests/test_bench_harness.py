@@ -36,8 +36,19 @@ def test_peak_table_lookup(monkeypatch):
     assert harness.device_peaks()["gbps"] is None
 
 
-def test_presets_cover_design_table():
-    for name in ("mixtral-8x7b", "qwen2-moe", "qwen3-moe", "qwen3-next", "deepseek-v2",
-                 "deepseek-v3", "kimi-k2", "gpt-oss", "llama4", "olmoe", "switch", "gshard"):
-        preset = harness.MODEL_PRESETS[name]
-        assert 1 <= preset["k"] <= preset["experts"] and preset["hidden"] > 0
+def test_bench_presets_come_from_the_layer_table():
+    from moe_kernels.presets import PRESETS
+
+    assert not hasattr(harness, "MODEL_PRESETS")  # one table: moe_kernels.presets.PRESETS
+    assert set(harness.QUICK_PRESETS) <= set(PRESETS)
+    for name, config in PRESETS.items():
+        preset = harness.bench_preset(name)
+        assert 1 <= preset["k"] <= preset["experts"] and preset["hidden"] > 0 and preset["inter"] > 0
+        assert (preset["experts"], preset["k"], preset["hidden"]) == (
+            config["num_experts"], config["k"], config["hidden_size"])
+        assert preset["routing"]["scoring"] == config["scoring"]
+        assert preset["bias"] == bool(config.get("selection_bias"))
+    v3 = harness.bench_preset("deepseek_v3")
+    assert v3["routing"]["num_groups"] == 8 and v3["bias"] and v3["routing"]["scaling_factor"] == 2.5
+    assert harness.bench_preset("switch")["capacity_factor"] == 1.25
+    assert harness.bench_preset("mixtral", num_experts=4)["experts"] == 4
