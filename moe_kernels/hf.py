@@ -329,10 +329,15 @@ def moe_kernels_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     ``[T, H]``. Honours is_transposed ("kn"), has_bias, has_gate, is_concatenated and the
     activation (fused where our kernels have it, else ``self._apply_gate`` / ``act_fn`` in
     torch between the GEMMs), and has_post_expert_norm (the norm on the second GEMM's
-    output, the routing weights applied after it). Not expert-parallel."""
+    output, the routing weights applied after it). Not expert-parallel. Weights other
+    than bfloat16 / float16 (a float32 model) run transformers' grouped_mm forward."""
     if getattr(self, "_is_expert_parallel", False):
         raise NotImplementedError("the moe_kernels experts backend does not support expert parallelism")
     w1 = self.gate_up_proj if self.has_gate else self.up_proj
+    if w1.dtype not in (torch.bfloat16, torch.float16):
+        # our GEMMs take 16-bit weights: e.g. a float32 model runs transformers' grouped_mm
+        from transformers.integrations.moe import grouped_mm_experts_forward
+        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     b1 = (self.gate_up_proj_bias if self.has_gate else self.up_proj_bias) if self.has_bias else None
     b2 = self.down_proj_bias if self.has_bias else None
     layout = "kn" if self.is_transposed else "nk"
