@@ -196,8 +196,9 @@ def _near_ties(model, ids):
         for block, x in inputs:
             layer = MoE.from_hf(block)
             values = layer.router_logits(x).reshape(-1, layer.num_experts).float()
-            gaps = []
+            gaps, tie_gap = [], TIE
             if layer.selection_bias is not None:  # DeepSeek-V3
+                tie_gap = TIE / 4  # sigmoid'(x) <= 1/4: a logit gap of TIE or less
                 values = values.sigmoid() + layer.selection_bias
                 groups = values.reshape(values.shape[0], layer.gating["num_groups"], -1)
                 group_scores = groups.topk(2, dim=-1).values.sum(-1).sort(-1, descending=True).values
@@ -206,16 +207,24 @@ def _near_ties(model, ids):
             top = values.sort(-1, descending=True).values
             gaps.append(top[:, layer.k - 1] - top[:, layer.k])
             for gap in gaps:
-                tie |= gap < TIE
+                tie |= gap < tie_gap
     return tie
 
 
-def _check_logits(model, ids, ref, out, family):
-    """out vs ref within the model's bound on the tokens without a near-tie (at least half)."""
-    keep = ~_near_ties(model, ids)
+_CHECKS = {}
+
+
+def _check_logits(family, ids, ref, out):
+    """out vs ref within the model's bound on the tokens without a near-tie (at least
+    half). The bound and the ties come from the original model (cached per ids)."""
+    key = (family, tuple(ids.flatten().tolist()))
+    if key not in _CHECKS:
+        model = _model(family)
+        _CHECKS[key] = (~_near_ties(model, ids), _model_bound(model, ids, _logits(model, ids)))
+    keep, bound = _CHECKS[key]
     assert keep.sum() >= ids.numel() // 2, (family, keep)
     err = (out - ref).reshape(ids.numel(), -1)[keep].abs().max().item()
-    assert err <= _model_bound(model, ids, ref), (family, err)
+    assert err <= bound, (family, err, bound)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -228,7 +237,7 @@ def test_patch_model_logits(family):
     blocks = [m for m in patched.modules() if isinstance(m, hf.PatchedMoEBlock)]
     assert len(blocks) == (1 if family == "deepseek_v3" else 2)
     assert not any(type(m).__name__ in hf.SUPPORTED_BLOCKS for m in patched.modules())
-    _check_logits(model, ids, ref, _logits(patched, ids), family)
+    _check_logits(family, ids, ref, _logits(patched, ids))
 
 
 def test_patch_model_output_structure():
@@ -266,8 +275,7 @@ EXPERTS_FAMILIES = [f for f in FAMILIES if f != "llama4"]  # Llama 4's experts h
 @pytest.mark.parametrize("family", EXPERTS_FAMILIES)
 def test_experts_backend_matches_eager(family, backend):
     model = copy.deepcopy(_model(family))
-    ids = torch.randint(0, 64, (1, 4) if backend == "simt" else (2, 5),
-                        generator=torch.Generator().manual_seed(4))
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(3))
     model.set_experts_implementation("eager")
     ref = _logits(model, ids)
     model.set_experts_implementation("moe_kernels")
@@ -277,7 +285,7 @@ def test_experts_backend_matches_eager(family, backend):
             out = _logits(model, ids)
     else:
         out = _logits(model, ids)
-    _check_logits(model, ids, ref, out, family)
+    _check_logits(family, ids, ref, out)
 
 
 def test_experts_backend_from_config():
