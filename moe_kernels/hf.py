@@ -94,7 +94,7 @@ def _shared_mlp(mlp, activation):
     return w13, mlp.down_proj.weight, gate.shape[0]
 
 
-def _build(block, *, hidden, inter, num_experts, k, w13, w2, router_weight, router_dtype,
+def _build(*, hidden, inter, num_experts, k, w13, w2, router_weight, router_dtype,
            router_bias=None, selection_bias=None, b13=None, b2=None, shared=None, shared_gate=None,
            **options):
     """Construct the layer on the meta device (no allocation, no init) and install the
@@ -137,7 +137,7 @@ def _topk_router_block(block, *, renormalize=None):
         renormalize = bool(gate.norm_topk_prob)
     num_experts, n1, hidden = experts.gate_up_proj.shape
     return _build(
-        block, hidden=hidden, inter=n1 // 2, num_experts=num_experts, k=gate.top_k,
+        hidden=hidden, inter=n1 // 2, num_experts=num_experts, k=gate.top_k,
         w13=experts.gate_up_proj, w2=experts.down_proj,
         # the router's matmul runs in the input's dtype (F.linear(x, weight)): router_dtype=None
         router_weight=gate.weight, router_dtype=None,
@@ -159,7 +159,7 @@ def _deepseek_v3(block):
     activation = _gated(experts.act_fn, type(experts).__name__)
     num_experts, n1, hidden = experts.gate_up_proj.shape
     return _build(
-        block, hidden=hidden, inter=n1 // 2, num_experts=num_experts, k=gate.top_k,
+        hidden=hidden, inter=n1 // 2, num_experts=num_experts, k=gate.top_k,
         w13=experts.gate_up_proj, w2=experts.down_proj,
         router_weight=gate.weight, router_dtype=torch.float32,
         selection_bias=gate.e_score_correction_bias,
@@ -177,7 +177,7 @@ def _gpt_oss(block):
     _check_experts_flags(experts, is_transposed=True, has_bias=True, is_concatenated=False)
     num_experts, hidden, n1 = experts.gate_up_proj.shape
     return _build(
-        block, hidden=hidden, inter=n1 // 2, num_experts=num_experts, k=router.top_k,
+        hidden=hidden, inter=n1 // 2, num_experts=num_experts, k=router.top_k,
         w13=experts.gate_up_proj, w2=experts.down_proj, b13=experts.gate_up_proj_bias,
         b2=experts.down_proj_bias, router_weight=router.weight, router_bias=router.bias,
         router_dtype=None, scoring="softmax", renormalize=True, activation="swiglu_oai",
@@ -194,7 +194,7 @@ def _llama4(block):
     activation = _gated(experts.act_fn, type(experts).__name__)
     num_experts, hidden, n1 = experts.gate_up_proj.shape
     return _build(
-        block, hidden=hidden, inter=n1 // 2, num_experts=num_experts, k=router.top_k,
+        hidden=hidden, inter=n1 // 2, num_experts=num_experts, k=router.top_k,
         w13=experts.gate_up_proj, w2=experts.down_proj, router_weight=router.weight,
         router_dtype=None, shared=_shared_mlp(block.shared_expert, activation),
         scoring="sigmoid", weight_on_input=True, activation=activation, w_layout="kn")
