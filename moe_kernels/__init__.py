@@ -22,3 +22,9 @@ __all__ = [
     "update_routing_bias", "use_backend",
 ]
 __version__ = "0.1.0"
+
+# transformers' "moe_kernels" experts backend, registered when transformers' experts
+# interface is imported (not here: that import costs seconds); see moe_kernels._hf_hook.
+from . import _hf_hook
+
+_hf_hook.install()

@@ -492,6 +492,13 @@ class MoE(nn.Module):
         from .presets import preset_config
         return cls(**preset_config(name, **overrides))
 
+    @classmethod
+    def from_hf(cls, block):
+        """The layer of a transformers sparse-MoE block, sharing its weights where the
+        layouts allow (see ``moe_kernels.hf.from_hf``)."""
+        from .hf import from_hf
+        return from_hf(block)
+
     def reset_parameters(self):
         """nn.Linear's initialisation for every projection (uniform in +-1/sqrt(fan_in))."""
         def uniform(p, fan_in):
@@ -525,8 +532,11 @@ class MoE(nn.Module):
         factor = fractions.Fraction(repr(1.0 if self.capacity_factor is None else self.capacity_factor))
         return -(-(num_tokens * self.k * factor.numerator) // (self.num_experts * factor.denominator))
 
-    def forward(self, x):
-        """``[..., H]`` -> ``[..., H]``, in x's dtype (the expert weights' dtype)."""
+    def forward(self, x, return_router_logits=False):
+        """``[..., H]`` -> ``[..., H]``, in x's dtype (the expert weights' dtype).
+        ``return_router_logits=True``: ``(y, logits)`` with the ``[..., E]`` router logits
+        this forward computed (e.g. for a caller's auxiliary loss or a block that returns
+        them, see ``moe_kernels.hf``)."""
         with _phase("route"):
             logits = self.router_logits(x)
         tokens = x.numel() // self.hidden_size
@@ -544,7 +554,7 @@ class MoE(nn.Module):
                 self.z_loss = self.z_loss_coef * router_z_loss(logits)
             if self.selection_bias is not None and self.training:
                 self.expert_counts = router_stats(ids, self.num_experts)
-        return y
+        return (y, logits) if return_router_logits else y
 
     @torch.no_grad()
     def update_selection_bias(self, rate=1e-3, counts=None):
