@@ -272,6 +272,6 @@ setup(
     cmdclass={"build_ext": Build.with_options(use_ninja=True)},
     python_requires=">=3.9",
     install_requires=["torch", "numpy"],
-    extras_require={"bench": ["matplotlib", "nvtx"], "quant": ["safetensors"],
-                    "test": ["pytest", "safetensors", "compressed-tensors"]},
+    extras_require={"bench": ["matplotlib", "nvtx"], "quant": ["safetensors"], "hf": ["transformers"],
+                    "test": ["pytest", "safetensors", "compressed-tensors", "transformers"]},
 )
