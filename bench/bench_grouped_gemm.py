@@ -293,14 +293,8 @@ def baseline_runs(case):
         torch.cuda.synchronize()
         return True
     except Exception as exc:  # noqa: BLE001 (any failure: the baseline is left out)
-        reason = f"{case.backend} left out: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
-        if reason not in _skipped:
-            _skipped.append(reason)
-            print(reason, file=sys.stderr)
+        harness.note(f"{case.backend} left out: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
         return False
-
-
-_skipped = []
 
 
 def count_traffic(case):
@@ -324,10 +318,7 @@ def has_observer():
         return True
     if getattr(_build_info, "simt_observer", True):
         return True
-    note = "simt traffic counters left out: this _simt build has no memory observer"
-    if note not in _skipped:
-        _skipped.append(note)
-        print(note, file=sys.stderr)
+    harness.note("simt traffic counters left out: this _simt build has no memory observer")
     return False
 
 
@@ -366,11 +357,10 @@ def gpu_table(rows, peaks):
     for r in rows:
         if r["backend"] != "cuda":
             continue
-        speedup = lambda b: (by_key[(r["op"], r["label"], b)]["median_us"] / r["median_us"]  # noqa: E731
-                             if (r["op"], r["label"], b) in by_key and r["median_us"] else None)
         lines.append((r["op"], r["label"], r["gemm_config"]["name"], str(r["active_experts"]),
                       fmt(r["weight_gbps"], ".0f"), fmt(r["weight_hbm_fraction"], ".1%"),
-                      fmt(speedup(MM_LOOP), ".2f"), fmt(speedup(GROUPED_MM), ".2f")))
+                      fmt(harness.speedup(by_key, r, MM_LOOP), ".2f"),
+                      fmt(harness.speedup(by_key, r, GROUPED_MM), ".2f")))
     hbm = f"{peaks['gbps']} GB/s" if peaks and peaks.get("gbps") else "unknown"
     return (f"cuda kernel per problem (weight GB/s: decode forwards, HBM peak {hbm}; speed-up = "
             f"baseline median / cuda median):\n"
@@ -403,12 +393,10 @@ def main():
               file=sys.stderr)
     flush = torch.empty(harness.L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda") if gpu else None
     presets = QUICK_PRESETS if args.quick else tuple(GEMM_PRESETS)
-    live = sys.stderr.isatty()
     rows = []
     for j, name in enumerate(presets):
         for i, (case, extra) in enumerate(preset_cases(name, args, gpu, pairs)):
-            line = f"[{j + 1}/{len(presets)} {i + 1}] {case.op} {case.label} on {case.backend} ..."
-            print(f"\r{line:100}" if live else line, end="" if live else "\n", file=sys.stderr, flush=True)
+            harness.progress(f"[{j + 1}/{len(presets)} {i + 1}] {case.op} {case.label} on {case.backend} ...")
             row = None
             if case.backend == "simt" and not has_observer():
                 row = harness.summarize(case, harness.time_case(case, args, flush), peaks)  # wall clock
@@ -432,10 +420,9 @@ def main():
             rows.append(row)
         if gpu:
             torch.cuda.empty_cache()  # this preset's weights are gone
-    if live:
-        print("\r" + " " * 100 + "\r", end="", file=sys.stderr)
+    harness.progress_done()
     return report(rows, args, gpu, peaks, gpu_table(rows, peaks) if gpu else cpu_table(rows),
-                  dict(skipped=_skipped, presets={name: gemm_preset(name) for name in presets}))
+                  dict(skipped=harness.SKIPPED, presets={name: gemm_preset(name) for name in presets}))
 
 
 def report(rows, args, gpu, peaks, table_text, meta_extra, plot_rows=None):

@@ -56,13 +56,6 @@ QUANT_FORMATS = FORMATS[1:]
 MXFP4_SCALES = (118, 127)  # e8m0 exponents drawn in [118, 126]: values 2**-9 .. 2**-1
 WEIGHT_READ_BOUND = 1.05
 GOAL_SPEEDUP, GOAL_HBM = 3.0, 0.70
-_skipped = []
-
-
-def note(reason):
-    if reason not in _skipped:
-        _skipped.append(reason)
-        print(reason, file=sys.stderr)
 
 
 def group_of(fmt):
@@ -92,7 +85,7 @@ def weight_bytes_per_expert(fmt, n, k, qw=None):
 
 def fits(fmt, k, what):
     if fmt != "bf16" and k % group_of(fmt):
-        note(f"{fmt} left out for {what}: K={k} is not a multiple of group size {group_of(fmt)}")
+        harness.note(f"{fmt} left out for {what}: K={k} is not a multiple of group size {group_of(fmt)}")
         return False
     return True
 
@@ -268,19 +261,16 @@ def main():
               file=sys.stderr)
     flush = torch.empty(harness.L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda") if gpu else None
     presets = bgg.QUICK_PRESETS if args.quick else tuple(bgg.GEMM_PRESETS)
-    live = sys.stderr.isatty()
     rows = []
     for j, name in enumerate(presets):
         for make in (gemm_cases, dequant_cases):
             for i, (case, extra) in enumerate(make(name, args, gpu, backends)):
-                line = f"[{j + 1}/{len(presets)} {i + 1}] {case.op} {case.label} on {case.backend} ..."
-                print(f"\r{line:100}" if live else line, end="" if live else "\n", file=sys.stderr, flush=True)
+                harness.progress(f"[{j + 1}/{len(presets)} {i + 1}] {case.op} {case.label} on {case.backend} ...")
                 rows.append(measure(case, extra, args, gpu, peaks, flush))
             if gpu:
                 torch.cuda.empty_cache()  # this preset's weights are gone
-    if live:
-        print("\r" + " " * 100 + "\r", end="", file=sys.stderr)
-    meta = dict(skipped=_skipped + bgg._skipped, presets={name: bgg.gemm_preset(name) for name in presets},
+    harness.progress_done()
+    meta = dict(skipped=harness.SKIPPED, presets={name: bgg.gemm_preset(name) for name in presets},
                 formats=FORMATS, mxfp4_scale_exponents=[MXFP4_SCALES[0], MXFP4_SCALES[1] - 1],
                 weight_read_bound=WEIGHT_READ_BOUND, goal=dict(speedup=GOAL_SPEEDUP, hbm_fraction=GOAL_HBM))
     # The plot: one group per problem (op without the format), one bar per weight format.

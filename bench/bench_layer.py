@@ -56,13 +56,6 @@ CPU_TOKENS = (1, 8, 64)
 HF_BACKENDS = ("hf-eager", "hf-grouped_mm")
 GOAL_OVERHEAD = 0.15  # layer time <= 1.15 x the sum of its kernels' times
 GPU_MEMORY_SHARE = 0.5  # of the device's memory for one preset's weights, grads and the hf copy
-_skipped = []
-
-
-def note(reason):
-    if reason not in _skipped:
-        _skipped.append(reason)
-        print(reason, file=sys.stderr)
 
 
 # --- configurations -------------------------------------------------------------------------
@@ -284,7 +277,7 @@ def baseline_runs(case, gpu):
             torch.cuda.synchronize()
         return True
     except Exception as exc:  # noqa: BLE001 (any failure: the baseline is left out)
-        note(f"{case.backend} left out for {case.label.split(' ')[0]} {case.op}: {type(exc).__name__}: "
+        harness.note(f"{case.backend} left out for {case.label.split(' ')[0]} {case.op}: {type(exc).__name__}: "
              f"{str(exc).splitlines()[0][:120]}")
         return False
 
@@ -305,7 +298,7 @@ def kernel_time_us(case):
                     if str(event.device_type).endswith("CUDA") and not event.is_async)
         return total or None
     except Exception as exc:  # noqa: BLE001
-        note(f"kernel times left out: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}")
+        harness.note(f"kernel times left out: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}")
         return None
 
 
@@ -352,7 +345,7 @@ def preset_cases(name, args, gpu, backends, hf_backends):
     for backend in hf_backends:
         block = hf_block(name, config, backend.split("-", 1)[1], torch.bfloat16, device)
         if isinstance(block, str):
-            note(f"{backend} left out for {name}: {block}")
+            harness.note(f"{backend} left out for {name}: {block}")
         else:
             blocks[backend] = block
     for tokens in token_counts(gpu, args.quick):
@@ -383,8 +376,7 @@ def gpu_table(rows):
     for r in rows:
         if r["backend"] != "cuda":
             continue
-        ratio = lambda b: (by_key[(r["op"], r["label"], b)]["median_us"] / r["median_us"]  # noqa: E731
-                           if (r["op"], r["label"], b) in by_key and r["median_us"] else None)
+        ratio = lambda b: harness.speedup(by_key, r, b)  # noqa: E731
         over = r["median_us"] / r["kernel_us"] - 1 if r["kernel_us"] else None
         goal = "-" if over is None else ("met" if over <= GOAL_OVERHEAD else "missed")
         peak = r["peak_extra_bytes"]
@@ -439,24 +431,21 @@ def main():
               "transformers only", file=sys.stderr)
     flush = torch.empty(harness.L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda") if gpu else None
     presets = harness.QUICK_PRESETS if args.quick else tuple(PRESETS)
-    live = sys.stderr.isatty()
     rows = []
     configs = {}
     for j, name in enumerate(presets):
         for i, (case, extra) in enumerate(preset_cases(name, args, gpu, backends, hf_backends)):
             configs[name] = dict(extra["config"], ep=extra["ep"])
-            line = f"[{j + 1}/{len(presets)} {i + 1}] {case.op} {case.label} on {case.backend} ..."
-            print(f"\r{line:100}" if live else line, end="" if live else "\n", file=sys.stderr, flush=True)
+            harness.progress(f"[{j + 1}/{len(presets)} {i + 1}] {case.op} {case.label} on {case.backend} ...")
             row = measure(case, extra, args, gpu, peaks, flush)
             if row is not None:
                 rows.append(row)
         if gpu:
             torch.cuda.empty_cache()  # this preset's weights are gone
-    if live:
-        print("\r" + " " * 100 + "\r", end="", file=sys.stderr)
+    harness.progress_done()
     for r in rows:  # dtypes are not JSON
         r["config"] = {key: str(v) if isinstance(v, torch.dtype) else v for key, v in r["config"].items()}
-    meta = dict(skipped=_skipped + bgg._skipped, presets=configs, phases=list(PHASES) + ["backward"],
+    meta = dict(skipped=harness.SKIPPED, presets=configs, phases=list(PHASES) + ["backward"],
                 goal=dict(overhead=GOAL_OVERHEAD), hf_backends=hf_backends)
     return bgg.report(rows, args, gpu, peaks, gpu_table(rows) if gpu else cpu_table(rows), meta)
 

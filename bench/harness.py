@@ -79,6 +79,36 @@ class Case:
     flops: Optional[int] = None
 
 
+# Reasons a case or a baseline was left out, printed once each and written to the JSON.
+SKIPPED = []
+
+
+def note(reason):
+    """Records why something was left out (once per reason) and prints it."""
+    if reason not in SKIPPED:
+        SKIPPED.append(reason)
+        print(reason, file=sys.stderr)
+
+
+def progress(line):
+    """A progress line on stderr: rewritten in place on a terminal, one line each in a log."""
+    live = sys.stderr.isatty()
+    print(f"\r{line:100}" if live else line, end="" if live else "\n", file=sys.stderr, flush=True)
+
+
+def progress_done():
+    """Clears the last in-place progress line (on a terminal)."""
+    if sys.stderr.isatty():
+        print("\r" + " " * 100 + "\r", end="", file=sys.stderr)
+
+
+def speedup(by_key, row, backend):
+    """How many times faster `row` is than the same op and label on `backend` (by_key:
+    {(op, label, backend): row}), or None where that baseline did not run."""
+    base = by_key.get((row["op"], row["label"], backend))
+    return base["median_us"] / row["median_us"] if base and row["median_us"] else None
+
+
 def parse_args(description, argv=None):
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true",
@@ -232,14 +262,10 @@ def run(cases, args):
     peaks = device_peaks()
     flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda") if peaks else None
     rows = []
-    # One progress line rewritten in place on a terminal; a line per case in a log.
-    live = sys.stderr.isatty()
     for i, case in enumerate(cases):
-        line = f"[{i + 1}/{len(cases)}] {case.op} {case.label} on {case.backend} ..."
-        print(f"\r{line:78}" if live else line, end="" if live else "\n", file=sys.stderr, flush=True)
+        progress(f"[{i + 1}/{len(cases)}] {case.op} {case.label} on {case.backend} ...")
         rows.append(summarize(case, time_case(case, args, flush), peaks))
-    if live:
-        print("\r" + " " * 78 + "\r", end="", file=sys.stderr)
+    progress_done()
     device = peaks["name"] if peaks else "CPU (reference and simt timings; no GPU figures)"
     print(f"{args.name} on {device}\n{format_table(rows)}")
     out = Path(args.out)
