@@ -127,6 +127,8 @@ class _GatherRowsFunction(torch.autograd.Function):
     def forward(ctx, x, gather, backend):
         ctx.backend, ctx.tokens = backend, x.shape[0]
         ctx.save_for_backward(gather)
+        if x.shape[0] == 0:  # no tokens: every row is padding
+            return x.new_zeros((gather.shape[0], x.shape[1]))
         valid = (gather >= 0).unsqueeze(1)
         return torch.where(valid, x.index_select(0, gather.clamp(min=0)), 0)
 
