@@ -166,11 +166,15 @@ def dispatch(x, ids, weights, num_experts, *, group=None, capacity=None, drop_po
     sources' rows one after the other, each source's grouped by local expert; capacity:
     ``[W*L*C, H]``, i.e. ``[W, L, C, H]`` with a valid prefix per (source, expert)), their
     float32 weights, the received counts ``[W, L]`` int64 (on the device), the handle
-    ``(source plan, send splits, receive splits)`` for ``combine``, and host figures (bytes exchanged, kept rows on the host in exact mode).
-    In capacity mode also ``stats["dropped"]``: the ``[]`` int64 number of assignments of
-    this rank over capacity (on the device).
+    ``(source plan, send splits, receive splits)`` for ``combine``, and a dict of host
+    figures (rows and bytes sent; ``*_remote``: to other ranks). In capacity mode the dict
+    also has ``"dropped"``: the ``[]`` int64 number of this rank's assignments over
+    capacity, on the device.
     """
     world, _ = _group_info(group)
+    if num_experts % world:
+        raise ValueError(f"num_experts: expected a multiple of the process group's size ({world}), "
+                         f"got {num_experts}")
     local = num_experts // world
     tokens, k = ids.shape
     elem = x.element_size()
@@ -207,16 +211,23 @@ def dispatch(x, ids, weights, num_experts, *, group=None, capacity=None, drop_po
     return rows, row_weights, recv_counts, (plan, send_splits, recv_splits), stats
 
 
-def _local_plan(recv_counts, row_weights, capacity, num_rows):
+def local_plan(recv_counts, row_weights, capacity=None, num_rows=None):
     """permute_plan of the received rows over the L local experts: (row_map, offsets
     [L + 1], gather, weights). Exact mode: row i of source w belongs to the local expert
     its position in w's counts says (repeat_interleave with the host-known total).
     Capacity mode: slot (w, l, c) is expert l's row if c < counts[w, l], else it goes to
-    the extra expert L (not local: no row, nothing computed)."""
+    the extra expert L (not local: no row, nothing computed).
+
+    ``recv_counts``, ``row_weights``: dispatch's counts ``[W, L]`` and weights; `num_rows`:
+    the received rows (exact mode). Returns ``(row_map, offsets, gather, weights)``: the
+    grouped GEMM's ``offsets`` / ``gather`` over the received rows and ``row_scale``; and
+    ``row_map`` ``[rows, 1]``, which ``unpermute`` uses to put the expert rows back in the
+    received order. No host sync."""
     world, local = recv_counts.shape
     device = recv_counts.device
     experts = torch.arange(local, device=device).repeat(world)
     if capacity is None:
+        num_rows = row_weights.shape[0] if num_rows is None else num_rows
         local_ids = torch.repeat_interleave(experts, recv_counts.reshape(-1), output_size=num_rows)
         plan = permute_plan(local_ids.view(-1, 1), local, weights=row_weights.view(-1, 1))
         return plan.row_map, plan.offsets, plan.gather, plan.weights
@@ -227,10 +238,12 @@ def _local_plan(recv_counts, row_weights, capacity, num_rows):
     return plan.row_map, plan.offsets[:local + 1], plan.gather, plan.weights
 
 
-def combine(y_rows, source_plan, send_splits, recv_splits, group=None):
+def combine(y_rows, handle, group=None):
     """The reverse exchange and the combine: ``y_rows`` (the received rows' expert outputs,
-    in the order they were received, routing weight applied) go back to their sources;
-    each token's rows are summed in slot order (``unpermute``). ``[T, H]``."""
+    in the order they were received, routing weight applied) go back to their sources
+    (``handle`` from ``dispatch``: the same splits, swapped); each token's rows are summed
+    in slot order (``unpermute``, as the single-process layer). Returns ``[T, H]``."""
+    source_plan, send_splits, recv_splits = handle
     with _phase("combine"):
         back = all_to_all(y_rows, send_splits, recv_splits, group)
         return unpermute(back, source_plan.row_map)
@@ -349,8 +362,10 @@ class ExpertParallelMoE(nn.Module):
     router_logits = MoE.router_logits
 
     def forward(self, x):
-        """``[..., H]`` -> ``[..., H]``: this rank's tokens through the sharded layer (every
-        rank of the group must call it, with any number of tokens)."""
+        """``[..., H]`` -> ``[..., H]``: this rank's tokens through the sharded layer. Every
+        rank of the group calls it (collectives), with any number of tokens in exact mode
+        and the same capacity in capacity mode (the same T, or a fixed ``capacity``); for a
+        backward, x.requires_grad must be the same on every rank."""
         if x.dtype != self.w13.dtype or x.shape[-1] != self.hidden_size:
             raise ValueError(f"x: expected [..., {self.hidden_size}] in {self.w13.dtype}, got shape "
                              f"{tuple(x.shape)} in {x.dtype}")
@@ -361,21 +376,22 @@ class ExpertParallelMoE(nn.Module):
             logits = self.router_logits(x)
             weights, ids = topk_gating(logits, self.k, bias=self.selection_bias, **self.gating)
         capacity = self.capacity(tokens)
-        rows, row_weights, recv_counts, (plan, send_splits, recv_splits), stats = dispatch(
+        rows, row_weights, recv_counts, handle, stats = dispatch(
             x, ids, weights, self.num_experts, group=self.process_group, capacity=capacity,
             drop_policy=self.drop_policy)
         if capacity is not None:
             with torch.no_grad():
                 self.dropped.add_(stats.pop("dropped"))
         with _phase("local_plan"):
-            local_row_map, offsets, gather, local_weights = _local_plan(
+            local_row_map, offsets, gather, local_weights = local_plan(
                 recv_counts, row_weights, capacity, rows.shape[0])
         y_rows = _expert_rows(rows, gather, offsets, local_weights, self.w13, self.w2, self.b13, self.b2,
                               self.activation, self.alpha, self.limit, self.w_layout, self.weight_on_input)
         with _phase("combine"):
             y_rows = unpermute(y_rows, local_row_map)  # back to the received order (one row each)
-        y = combine(y_rows, plan, send_splits, recv_splits, self.process_group)
+        y = combine(y_rows, handle, self.process_group)
         row_bytes = self.hidden_size * y_rows.element_size()
+        recv_splits = handle[2]
         own = y_rows.shape[0] // self.world_size if recv_splits is None else recv_splits[self.rank]
         stats.update(combine_bytes=y_rows.shape[0] * row_bytes,
                      combine_bytes_remote=(y_rows.shape[0] - own) * row_bytes)
