@@ -326,7 +326,7 @@ class _GroupedGemmFunction(torch.autograd.Function):
         masked = counts is not None
         s = x.shape[1] if masked else 0
         rows = grad_y.shape[0] * (grad_y.shape[1] if masked else 1)
-        gy = grad_y.to(x.dtype).contiguous().reshape(rows, -1)
+        gy = grad_y.to(x.dtype).contiguous().reshape(rows, grad_y.shape[-1])
         pre2 = None if pre is None else pre.reshape(rows, n)
         grad_scale = None
         if ctx.code == 0 and row_scale is None:
