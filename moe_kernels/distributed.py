@@ -53,22 +53,19 @@ rank's partial ones (its own tokens): sum them over the ranks (as data paralleli
 to get the single-process gradient of the concatenated batch.
 """
 
-import contextlib
-import fractions
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import reference
 from ._backend import selected_backend
 from ._checks import check_choice, check_int, check_number
 from ._library import native_call
 from .gemm import _gather_segments
-from .layer import MoE, _expert_rows, _phase, _shared_expert
-from .permute import permute_plan, unpermute
+from .layer import MoE, _expert_rows, _phase, _shared_expert, record_router_statistics
+from .permute import capacity_from_factor, permute_plan, unpermute
 from .quant import QuantizedWeight
-from .routing import load_balancing_loss, router_stats, router_z_loss, topk_gating, update_routing_bias
+from .routing import topk_gating, update_routing_bias
 
 MODES = ("exact", "capacity")
 EP_PHASES = ("route", "plan", "dispatch", "local_plan", "gemm1", "gemm2", "combine", "shared")
@@ -356,8 +353,7 @@ class ExpertParallelMoE(nn.Module):
             return None
         if self.fixed_capacity is not None:
             return self.fixed_capacity
-        factor = fractions.Fraction(repr(self.capacity_factor))
-        return -(-(num_tokens * self.k * factor.numerator) // (self.num_experts * factor.denominator))
+        return capacity_from_factor(num_tokens, self.k, self.num_experts, self.capacity_factor)
 
     router_logits = MoE.router_logits
 
@@ -400,13 +396,7 @@ class ExpertParallelMoE(nn.Module):
             with _phase("shared"):
                 y = y + _shared_expert(x, self.shared_w13, self.shared_w2, self.activation, self.shared_gate,
                                        self.alpha, self.limit)
-        if self.aux_loss_coef:
-            self.aux_loss = load_balancing_loss(logits, ids, self.num_experts, alpha=self.aux_loss_coef,
-                                                scoring=self.gating["scoring"])
-        if self.z_loss_coef:
-            self.z_loss = self.z_loss_coef * router_z_loss(logits)
-        if self.selection_bias is not None and self.training:
-            self.expert_counts = router_stats(ids, self.num_experts)
+        record_router_statistics(self, logits, ids)
         return y.reshape(shape)
 
     @torch.no_grad()

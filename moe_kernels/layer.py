@@ -22,7 +22,6 @@ backward)."""
 
 import contextlib
 import contextvars
-import fractions
 import math
 
 import torch
@@ -36,7 +35,7 @@ from ._checks import (FLOAT_DTYPES, check_bool, check_choice, check_int, check_n
 from ._library import native_call
 from ._limits import MAX_EXPERTS
 from .gemm import _gather_segments, grouped_gemm
-from .permute import permute_plan, unpermute
+from .permute import capacity_from_factor, permute_plan, unpermute
 from .quant import QuantizedWeight
 from .routing import (SCORINGS, expert_choice_gating, load_balancing_loss, router_stats,
                       router_z_loss, topk_gating, update_routing_bias)
@@ -361,6 +360,19 @@ def _fused_moe(x, router_logits, w13, w2, *, k, scoring, renormalize, scaling_fa
     return y.reshape(shape), ids
 
 
+def record_router_statistics(layer, logits, ids):
+    """What a training forward leaves on the layer for the training loop: ``aux_loss`` and
+    ``z_loss`` when their coefficients are set, and ``expert_counts`` (for the selection
+    bias update) in training mode."""
+    if layer.aux_loss_coef:
+        layer.aux_loss = load_balancing_loss(logits, ids, layer.num_experts, alpha=layer.aux_loss_coef,
+                                             scoring=layer.gating["scoring"])
+    if layer.z_loss_coef:
+        layer.z_loss = layer.z_loss_coef * router_z_loss(logits)
+    if layer.selection_bias is not None and layer.training:
+        layer.expert_counts = router_stats(ids, layer.num_experts)
+
+
 class MoE(nn.Module):
     """A Mixture-of-Experts block on the package's kernels: ``y = MoE(...)(x)``.
 
@@ -525,12 +537,11 @@ class MoE(nn.Module):
 
     def capacity(self, num_tokens):
         """The capacity used for `num_tokens` tokens (None: dropless):
-        ``ceil(num_tokens * k * capacity_factor / E)`` (``capacity_from_factor``'s exact
-        rule), in integer arithmetic so torch.compile traces it."""
+        ``capacity_from_factor(num_tokens, k, E, capacity_factor)``."""
         if self.routing == "topk" and self.capacity_factor is None:
             return None
-        factor = fractions.Fraction(repr(1.0 if self.capacity_factor is None else self.capacity_factor))
-        return -(-(num_tokens * self.k * factor.numerator) // (self.num_experts * factor.denominator))
+        return capacity_from_factor(num_tokens, self.k, self.num_experts,
+                                    1.0 if self.capacity_factor is None else self.capacity_factor)
 
     def forward(self, x, return_router_logits=False):
         """``[..., H]`` -> ``[..., H]``, in x's dtype (the expert weights' dtype).
@@ -547,13 +558,7 @@ class MoE(nn.Module):
             b13=self.b13, b2=self.b2, weight_on_input=self.weight_on_input, shared_w13=self.shared_w13,
             shared_w2=self.shared_w2, shared_gate=self.shared_gate)
         if ids is not None:
-            if self.aux_loss_coef:
-                self.aux_loss = load_balancing_loss(logits, ids, self.num_experts, alpha=self.aux_loss_coef,
-                                                    scoring=self.gating["scoring"])
-            if self.z_loss_coef:
-                self.z_loss = self.z_loss_coef * router_z_loss(logits)
-            if self.selection_bias is not None and self.training:
-                self.expert_counts = router_stats(ids, self.num_experts)
+            record_router_statistics(self, logits, ids)
         return (y, logits) if return_router_logits else y
 
     @torch.no_grad()

@@ -2,7 +2,6 @@
 
 import collections
 import fractions
-import math
 
 import torch
 
@@ -29,16 +28,18 @@ def capacity_from_factor(num_tokens, k, num_experts, factor):
     """Rows per expert for a capacity factor: ``ceil(factor * num_tokens * k / num_experts)``.
 
     Computed exactly from the shortest decimal form of `factor` (1.1 means 11/10), so a
-    product that should be whole is not pushed up by binary rounding.
+    product that should be whole is not pushed up by binary rounding. Integer arithmetic
+    only, so torch.compile traces it (the argument checks are skipped while it traces).
     """
-    check_int(num_tokens, "num_tokens", 0, 1 << 62)
-    check_int(k, "k", 1, 1 << 30)
-    check_int(num_experts, "num_experts", 1, 1 << 30)
-    factor = check_number(factor, "factor")
-    if factor < 0:
-        raise ValueError(f"factor: expected a finite number >= 0, got {factor!r}")
-    exact = fractions.Fraction(repr(factor)) * num_tokens * k / num_experts
-    return math.ceil(exact)
+    if not torch.compiler.is_compiling():
+        check_int(num_tokens, "num_tokens", 0, 1 << 62)
+        check_int(k, "k", 1, 1 << 30)
+        check_int(num_experts, "num_experts", 1, 1 << 30)
+        factor = check_number(factor, "factor")
+        if factor < 0:
+            raise ValueError(f"factor: expected a finite number >= 0, got {factor!r}")
+    ratio = fractions.Fraction(repr(float(factor)))
+    return -(-(num_tokens * k * ratio.numerator) // (num_experts * ratio.denominator))
 
 
 def _check_plan_args(ids, num_experts, capacity, align, drop_policy, weights, expert_range):
