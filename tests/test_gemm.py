@@ -376,6 +376,22 @@ def test_decode_reads_each_active_experts_weights_once():
     assert read - activation_bytes <= 1.05 * weight_bytes, (read - activation_bytes) / weight_bytes
 
 
+def test_inference_saves_nothing_for_a_backward():
+    """Under torch.no_grad, weights that require grad (an nn.Module in inference) must not
+    make the kernel write the float32 pre-activation it saves for a backward: y is all it
+    writes. With grad enabled it writes both."""
+    needs_observer()
+    x, w, offsets = make_case(counts=(5, 0, 20), tail=0)
+    w = w.requires_grad_(True)
+    y_bytes = x.shape[0] * 32 * 2  # silu_and_mul: N/2 bf16 outputs per row
+    pre_bytes = x.shape[0] * 64 * 4
+    for grad, written in ((False, y_bytes), (True, y_bytes + pre_bytes)):
+        with torch.set_grad_enabled(grad), moe_kernels.use_backend("simt"), emulator.traffic() as rows:
+            moe_kernels.grouped_gemm(x, w, offsets, activation="silu_and_mul")
+        gemm = [r for r in rows if r["kernel"].startswith("grouped_gemm_kernel")]
+        assert sum(r["unique_bytes_written"] for r in gemm) == written, grad
+
+
 @pytest.mark.parametrize("k", [176, 64])
 def test_traffic_counts_every_byte_read(k):
     """The sectors the counters see cover every distinct byte read, also when a k-tile is
