@@ -321,10 +321,14 @@ def test_three_dimensional_input_and_float16():
 @pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "switch"])
 def test_no_tokens(kernel_backend, name):
     layer = make_layer(name).to(device_of(kernel_backend))
-    x = torch.zeros(0, layer.hidden_size, dtype=torch.bfloat16, device=device_of(kernel_backend))
-    with torch.no_grad():
-        y = run(kernel_backend, layer, x)
+    x = torch.zeros(0, layer.hidden_size, dtype=torch.bfloat16, device=device_of(kernel_backend),
+                    requires_grad=True)
+    y = run(kernel_backend, layer, x)
     assert y.shape == (0, layer.hidden_size)
+    with moe_kernels.use_backend(kernel_backend):
+        y.float().sum().backward()  # zero rows through every backward kernel
+    assert x.grad.shape == x.shape
+    assert layer.w13.grad is not None and not layer.w13.grad.any()
 
 
 def test_gemms_compute_no_padding_rows():
