@@ -58,12 +58,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ._backend import selected_backend
 from ._checks import check_choice, check_int, check_number
-from ._library import native_call
-from .gemm import _gather_segments
-from .layer import MoE, _expert_rows, _phase, _shared_expert, record_router_statistics
-from .permute import capacity_from_factor, permute_plan, unpermute
+from .layer import MoE, _expert_rows, _gather_rows, _phase, _shared_expert, record_router_statistics
+from .permute import DROP_POLICIES, capacity_from_factor, permute_plan, unpermute
 from .quant import QuantizedWeight
 from .routing import topk_gating, update_routing_bias
 
@@ -115,38 +112,6 @@ def all_to_all(x, out_splits=None, in_splits=None, group=None):
     return _all_to_all(x, out_splits, in_splits, group)
 
 
-class _GatherRowsFunction(torch.autograd.Function):
-    """``rows[i] = x[gather[i]]`` (zero for -1). The backward sums each token's rows in row
-    order in float32 and rounds once: what the grouped GEMM's backward does with its
-    gather in the single-process layer, so the gradient of x is the same bit for bit."""
-
-    @staticmethod
-    def forward(ctx, x, gather, backend):
-        ctx.backend, ctx.tokens = backend, x.shape[0]
-        ctx.save_for_backward(gather)
-        if x.shape[0] == 0:  # no tokens: every row is padding
-            return x.new_zeros((gather.shape[0], x.shape[1]))
-        valid = (gather >= 0).unsqueeze(1)
-        return torch.where(valid, x.index_select(0, gather.clamp(min=0)), 0)
-
-    @staticmethod
-    def backward(ctx, grad_rows):
-        (gather,) = ctx.saved_tensors
-        segment_rows, row_start = _gather_segments(gather, ctx.tokens)
-        return native_call(ctx.backend, "segment_row_sum", grad_rows.contiguous(), segment_rows,
-                           row_start), None, None
-
-
-def _gather_rows(x, gather):
-    backend = selected_backend(x, "x")
-    if backend == "reference":
-        # The reference grouped GEMM's own gather (same autograd graph, same gradient).
-        valid = (gather >= 0) & (gather < x.shape[0])
-        padded = torch.cat([x, x.new_zeros(1, x.shape[1])])
-        return padded[torch.where(valid, gather.long(), x.shape[0])]
-    return _GatherRowsFunction.apply(x, gather, backend)
-
-
 def dispatch(x, ids, weights, num_experts, *, group=None, capacity=None, drop_policy="position"):
     """Send each kept assignment's token row and routing weight to the rank owning its expert.
 
@@ -168,7 +133,7 @@ def dispatch(x, ids, weights, num_experts, *, group=None, capacity=None, drop_po
     also has ``"dropped"``: the ``[]`` int64 number of this rank's assignments over
     capacity, on the device.
     """
-    world, _ = _group_info(group)
+    world, rank = _group_info(group)
     if num_experts % world:
         raise ValueError(f"num_experts: expected a multiple of the process group's size ({world}), "
                          f"got {num_experts}")
@@ -199,7 +164,6 @@ def dispatch(x, ids, weights, num_experts, *, group=None, capacity=None, drop_po
         rows = all_to_all(send, recv_splits, send_splits, group)
         row_weights = all_to_all(plan.weights, recv_splits, send_splits, group)
         rows_sent = send.shape[0]
-        rank = _group_info(group)[1]
         rows_remote = rows_sent - (rows_sent // world if send_splits is None else send_splits[rank])
         stats.update(rows_sent=rows_sent, rows_received=rows.shape[0], rows_sent_remote=rows_remote,
                      dispatch_bytes=rows_sent * (hidden * elem + 4),
@@ -292,7 +256,7 @@ class ExpertParallelMoE(nn.Module):
         if not isinstance(layer, MoE):
             raise TypeError(f"layer: expected a MoE or a dict of MoE arguments, got {type(layer).__name__}")
         check_choice(mode, "mode", MODES)
-        check_choice(drop_policy, "drop_policy", ("position", "weight"))
+        check_choice(drop_policy, "drop_policy", DROP_POLICIES)
         if layer.routing != "topk":
             raise ValueError("layer: expert parallelism supports top-k routing (not expert_choice)")
         if layer.capacity_factor is not None:

@@ -34,8 +34,8 @@ from ._checks import (FLOAT_DTYPES, check_bool, check_choice, check_int, check_n
                       check_same_device, check_tensor)
 from ._library import native_call
 from ._limits import MAX_EXPERTS
-from .gemm import _gather_segments, grouped_gemm
-from .permute import capacity_from_factor, permute_plan, unpermute
+from .gemm import ACTIVATIONS, GATED_ACTIVATIONS, W_LAYOUTS, _gather_segments, grouped_gemm
+from .permute import DROP_POLICIES, capacity_from_factor, permute_plan, unpermute
 from .quant import QuantizedWeight
 from .routing import (SCORINGS, expert_choice_gating, load_balancing_loss, router_stats,
                       router_z_loss, topk_gating, update_routing_bias)
@@ -64,30 +64,69 @@ def _phase(name):
     if hook is None or torch.compiler.is_compiling():
         return contextlib.nullcontext()
     return hook(name)
-GATED_ACTIVATIONS = ("silu_and_mul", "gelu_and_mul", "gelu_tanh_and_mul", "swiglu_oai")
-ACTIVATIONS = (None, "relu", "gelu", "gelu_tanh", "silu") + GATED_ACTIVATIONS
+
+
+# Token rows and expert rows. gather[i] is the token of row i (-1: none). Gathering the
+# rows and summing each token's rows are each other's backward; the sum runs as one kernel
+# in float32 in row order (a stable sort of gather, then segment_row_sum), so both
+# directions are deterministic, as the grouped GEMM's own gather is (an index_add backward
+# would use atomics on a GPU).
+
+def _gather(x, gather):
+    """rows[i] = x[gather[i]], zero where gather is -1."""
+    if x.shape[0] == 0:  # no tokens: every row is padding
+        return x.new_zeros((gather.shape[0], x.shape[1]))
+    return torch.where((gather >= 0).unsqueeze(1), x.index_select(0, gather.clamp(min=0)), 0)
+
+
+def _segment_sum(rows, gather, num_tokens, backend):
+    """y[t] = sum of rows[i] with gather[i] = t, in float32 in row order, rounded once."""
+    segment_rows, row_start = _gather_segments(gather, num_tokens)
+    return native_call(backend, "segment_row_sum", rows.contiguous(), segment_rows, row_start)
+
+
+class _GatherRowsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, gather, backend):
+        ctx.backend, ctx.tokens = backend, x.shape[0]
+        ctx.save_for_backward(gather)
+        return _gather(x, gather)
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        (gather,) = ctx.saved_tensors
+        return _segment_sum(grad_rows, gather, ctx.tokens, ctx.backend), None, None
 
 
 class _TokenSumFunction(torch.autograd.Function):
-    """``y[t] = sum of rows[i] with gather[i] = t``, in row order (deterministic: a stable
-    sort of gather, then one kernel summing each token's rows in float32). The backward is
-    the gather itself. Used by expert-choice routing, where a token has any number of rows."""
-
     @staticmethod
     def forward(ctx, rows, gather, num_tokens, backend):
-        segment_rows, row_start = _gather_segments(gather, num_tokens)
         ctx.save_for_backward(gather)
-        return native_call(backend, "segment_row_sum", rows.contiguous(), segment_rows, row_start)
+        return _segment_sum(rows, gather, num_tokens, backend)
 
     @staticmethod
     def backward(ctx, grad_y):
         (gather,) = ctx.saved_tensors
-        valid = (gather >= 0).unsqueeze(1)
-        grad_rows = torch.where(valid, grad_y.index_select(0, gather.clamp(min=0)), 0)
-        return grad_rows, None, None, None
+        return _gather(grad_y, gather), None, None, None
+
+
+def _gather_rows(x, gather):
+    """``rows[i] = x[gather[i]]`` (zero for -1), differentiable in x; its backward sums each
+    token's rows deterministically (``_token_sum``)."""
+    backend = selected_backend(x, "x")
+    if backend == "reference":
+        # Indexing a zero row appended to x: autograd's backward, and a result connected to
+        # x's graph even without tokens (a rank that sends nothing still takes part in the
+        # backward's exchanges).
+        padded = torch.cat([x, x.new_zeros(1, x.shape[1])])
+        return padded[torch.where(gather >= 0, gather, x.shape[0])]
+    return _GatherRowsFunction.apply(x, gather, backend)
 
 
 def _token_sum(rows, gather, num_tokens):
+    """``y[t] = sum of rows[i] with gather[i] = t`` in row order, float32 then rounded once
+    (expert-choice routing's combine, where a token has any number of rows); its backward
+    is the gather."""
     backend = selected_backend(rows, "rows")
     if backend == "reference":
         return reference.token_sum(rows, gather, num_tokens)
@@ -103,9 +142,7 @@ def _expert_rows(x, gather, offsets, row_weights, w13, w2, b13, b2, activation, 
         # The weight scales the expert's input row, rounded to x's dtype as the models do
         # (x * weight in x's dtype): one [rows, H] copy, inherent to this scheme.
         with _phase("gemm1"):
-            valid = (gather >= 0).unsqueeze(1)
-            rows = x.index_select(0, gather.clamp(min=0)) * row_weights.to(x.dtype).unsqueeze(1)
-            rows = torch.where(valid, rows, 0)
+            rows = _gather_rows(x, gather) * row_weights.to(x.dtype).unsqueeze(1)
             h = grouped_gemm(rows, w13, offsets, bias=b13, activation=activation, **gemm)
         with _phase("gemm2"):
             return grouped_gemm(h, w2, offsets, bias=b2, **gemm)
@@ -161,7 +198,7 @@ def _weight_dims(w, name, w_layout):
 
 
 def _check_layer_args(x, router_logits, w13, w2, k, routing, capacity, activation, w_layout,
-                      weight_on_input, b13, b2, shared_w13, shared_w2, shared_gate):
+                      weight_on_input, b13, b2, shared_w13, shared_w2, shared_gate, selection_bias):
     check_tensor(x, "x", dtypes=(torch.float16, torch.bfloat16), contiguous=False)
     if x.dim() < 1:
         raise ValueError("x: expected a tensor of shape [..., H], got a 0-D tensor")
@@ -169,7 +206,7 @@ def _check_layer_args(x, router_logits, w13, w2, k, routing, capacity, activatio
     tokens = x.numel() // max(hidden, 1)
     check_tensor(router_logits, "router_logits", dtypes=FLOAT_DTYPES + (torch.float64,), contiguous=False)
     check_same_device(router_logits, "router_logits", x, "x")
-    check_choice(w_layout, "w_layout", ("nk", "kn"))
+    check_choice(w_layout, "w_layout", W_LAYOUTS)
     check_choice(routing, "routing", ROUTINGS)
     check_choice(activation, "activation", ACTIVATIONS)
     weight_on_input = check_bool(weight_on_input, "weight_on_input")
@@ -196,16 +233,21 @@ def _check_layer_args(x, router_logits, w13, w2, k, routing, capacity, activatio
             check_tensor(b, name, dtypes=FLOAT_DTYPES, dim=2, contiguous=False)
             if tuple(b.shape) != (num_experts, n):
                 raise ValueError(f"{name}: expected shape ({num_experts}, {n}), got {tuple(b.shape)}")
+    if selection_bias is not None:  # topk_gating checks it too, but would call it "bias"
+        check_tensor(selection_bias, "selection_bias", dtypes=FLOAT_DTYPES + (torch.float64,), dim=1,
+                     contiguous=False)
+        check_same_device(selection_bias, "selection_bias", x, "x")
+        if selection_bias.shape[0] != num_experts:
+            raise ValueError(f"selection_bias: expected {num_experts} elements (one per expert), "
+                             f"got {selection_bias.shape[0]}")
+    if routing == "expert_choice" and capacity is None:
+        raise ValueError("capacity: expert-choice routing needs capacity (tokens per expert)")
+    if capacity is not None:
+        capacity = check_int(capacity, "capacity", 0, 2**31 - 1)
+        if routing == "topk" and num_experts + 1 > MAX_EXPERTS:
+            raise ValueError(f"capacity: the capacity mode needs E < {MAX_EXPERTS}, got E={num_experts}")
     if routing == "topk":
         k = check_int(k, "k", 1, num_experts)
-        if capacity is not None:
-            capacity = check_int(capacity, "capacity", 0, 2**31 - 1)
-            if num_experts + 1 > MAX_EXPERTS:
-                raise ValueError(f"capacity: the capacity mode needs E < {MAX_EXPERTS}, got E={num_experts}")
-    else:
-        if capacity is None:
-            raise ValueError("capacity: expert-choice routing needs capacity (tokens per expert)")
-        capacity = check_int(capacity, "capacity", 0, 2**31 - 1)
     if (shared_w13 is None) != (shared_w2 is None):
         raise ValueError("shared_w13: expected shared_w13 and shared_w2 together (or neither)")
     if shared_gate is not None and shared_w13 is None:
@@ -325,7 +367,7 @@ def _fused_moe(x, router_logits, w13, w2, *, k, scoring, renormalize, scaling_fa
     for the layer's statistics and losses."""
     num_experts, k, capacity, weight_on_input = _check_layer_args(
         x, router_logits, w13, w2, k, routing, capacity, activation, w_layout, weight_on_input, b13,
-        b2, shared_w13, shared_w2, shared_gate)
+        b2, shared_w13, shared_w2, shared_gate, selection_bias)
     alpha, limit = check_number(alpha, "alpha"), check_number(limit, "limit")
     shape = x.shape
     x = x.reshape(-1, shape[-1])
@@ -444,8 +486,8 @@ class MoE(nn.Module):
         self.k = check_int(k, "k", 1, num_experts)
         check_choice(scoring, "scoring", SCORINGS)
         check_choice(activation, "activation", ACTIVATIONS)
-        check_choice(w_layout, "w_layout", ("nk", "kn"))
-        check_choice(drop_policy, "drop_policy", ("position", "weight"))
+        check_choice(w_layout, "w_layout", W_LAYOUTS)
+        check_choice(drop_policy, "drop_policy", DROP_POLICIES)
         if dtype not in (torch.bfloat16, torch.float16):
             raise TypeError(f"dtype: expected bfloat16 or float16 (the expert weights), got {dtype}")
         if router_dtype is not None and router_dtype not in FLOAT_DTYPES + (torch.float64,):
@@ -577,8 +619,7 @@ class MoE(nn.Module):
         """Replace the routed expert weights by 4-bit int4 ``QuantizedWeight`` (W4A16,
         ``quantize_int4``); the router and the shared expert stay in 16 bits."""
         from .quant import quantize_int4
-        if self.w_layout != "nk":
-            raise ValueError("w_layout: 4-bit weights are [E, N, K] (construct the layer with w_layout='nk')")
+        self._require_nk()  # before quantizing: a "kn" weight would quantize along the wrong axis
         return self.load_quantized(quantize_int4(self.w13.detach(), group_size=group_size, symmetric=symmetric),
                                    quantize_int4(self.w2.detach(), group_size=group_size, symmetric=symmetric))
 
@@ -588,8 +629,7 @@ class MoE(nn.Module):
         ``from_mxfp4`` or ``quantize_int4``. They replace the w13 / w2 parameters (which
         must be in the "nk" layout); the 4-bit weights get no gradient, x and the rest still
         do. ``.to()`` / ``.cuda()`` of the layer move them too."""
-        if self.w_layout != "nk":
-            raise ValueError("w_layout: 4-bit weights are [E, N, K] (construct the layer with w_layout='nk')")
+        self._require_nk()
         expected = {"w13": tuple(self.w13.shape), "w2": tuple(self.w2.shape)}
         for name, qw in (("w13", w13), ("w2", w2)):
             if not isinstance(qw, QuantizedWeight):
@@ -601,6 +641,10 @@ class MoE(nn.Module):
                 del self._parameters[name]
             object.__setattr__(self, name, qw)
         return self
+
+    def _require_nk(self):
+        if self.w_layout != "nk":
+            raise ValueError("w_layout: 4-bit weights are [E, N, K] (construct the layer with w_layout='nk')")
 
     def _apply(self, fn, recurse=True):
         # nn.Module moves parameters and buffers; the 4-bit weights are plain attributes.

@@ -439,6 +439,8 @@ def test_bad_inputs():
         (dict(shared_w13=layer.shared_w13[:, :8]), ValueError, "shared_w13"),
         (dict(shared_gate=torch.zeros(2, layer.hidden_size)), ValueError, "shared_gate"),
         (dict(weight_on_input=1), TypeError, "weight_on_input"),
+        (dict(selection_bias=torch.zeros(3)), ValueError, "selection_bias"),
+        (dict(selection_bias=torch.zeros(8, dtype=torch.int32)), TypeError, "selection_bias"),
     ]
     for change, error, match in cases:
         call = dict(x=x, router_logits=logits, w13=w13, w2=w2, **args)
