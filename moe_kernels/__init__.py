@@ -4,10 +4,8 @@ Every op runs on one of three backends (see ``available_backends``): the CUDA ke
 the same kernels in the SIMT emulator on the CPU, or a PyTorch reference.
 """
 
-from . import quant
+from . import distributed, presets, quant
 from ._backend import available_backends, use_backend
-from . import presets
-from . import distributed
 from .gemm import GemmConfig, gemm_config, grouped_gemm
 from .layer import MoE, fused_moe
 from .permute import (PermutePlan, PermuteResult, capacity_from_factor, permute, permute_plan,
@@ -17,9 +15,10 @@ from .routing import (expert_choice_gating, hash_gating, load_balancing_loss, ro
                       update_routing_bias)
 
 __all__ = [
-    "GemmConfig", "distributed", "PermutePlan", "PermuteResult", "available_backends", "capacity_from_factor",
-    "MoE", "expert_choice_gating", "fused_moe", "gemm_config", "grouped_gemm", "hash_gating", "load_balancing_loss", "permute", "permute_plan",
-    "presets", "quant", "router_stats", "router_z_loss", "sequence_load_balancing_loss", "topk_gating", "unpermute",
+    "available_backends", "capacity_from_factor", "distributed", "expert_choice_gating",
+    "fused_moe", "gemm_config", "GemmConfig", "grouped_gemm", "hash_gating", "load_balancing_loss",
+    "MoE", "permute", "permute_plan", "PermutePlan", "PermuteResult", "presets", "quant",
+    "router_stats", "router_z_loss", "sequence_load_balancing_loss", "topk_gating", "unpermute",
     "update_routing_bias", "use_backend",
 ]
 __version__ = "0.1.0"

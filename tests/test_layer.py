@@ -22,7 +22,7 @@ from moe_kernels import emulator, reference
 from moe_kernels.layer import MoE, fused_moe, phase_hook
 from moe_kernels.presets import PRESETS, scaled_config
 
-from conftest import device_of, needs_observer
+from conftest import device_of, needs_observer, run
 
 TOL = 2.0 ** -7
 
@@ -49,11 +49,6 @@ def make_layer(name, seed=0, **overrides):
 def tokens(layer, num_tokens=7, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(num_tokens, layer.hidden_size, generator=g).to(torch.bfloat16)
-
-
-def run(backend, fn, *args, **kwargs):
-    with moe_kernels.use_backend(backend):
-        return fn(*args, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------
