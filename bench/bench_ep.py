@@ -19,7 +19,6 @@ amounts in reverse); capacity mode also the assignments dropped over capacity.
 Writes ``<out>/bench_ep.json``. On a CPU (gloo) the times only show the script works.
 """
 
-import argparse
 import datetime
 import json
 import os
@@ -45,22 +44,14 @@ GPU_TOKENS, GPU_QUICK_TOKENS = (128, 2048, 8192), (128,)
 CPU_TOKENS, CPU_QUICK_TOKENS = (16, 64), (16,)
 
 
-def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one preset, one token count (CI)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    parser.add_argument("--iters", type=int, default=None)
-    parser.add_argument("--warmup", type=int, default=None)
-    parser.add_argument("--backends", default=None, help="comma-separated subset of the backends")
+def ep_arguments(parser):
     parser.add_argument("--nproc", type=int, default=None,
                         help="ranks to spawn when not started by torchrun (default 2; 1 on a single GPU)")
     parser.add_argument("--capacity-factor", type=float, default=1.25)
-    args = parser.parse_args()
-    args.name = "bench_ep"
-    gpu = torch.cuda.is_available()
-    args.iters = args.iters or (3 if args.quick else 20 if gpu else 5)
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 5 if gpu else 1)
-    return args
+
+
+def parse_args():
+    return harness.parse_args(__doc__.splitlines()[0], extra=ep_arguments, iters=(3, 20, 5), warmup=(1, 5, 1))
 
 
 class PhaseTimer:
@@ -186,10 +177,7 @@ def report(rows, args, device):
               f"{r['forward_backward_us']:.0f}", str(r["bytes_per_layer_max_rank"]),
               str(r["bytes_per_layer_remote_total"]),
               "-" if r["mode"] == "exact" else str(sum(r["dropped_per_layer"]))) for r in rows]
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *lines)]
-    fmt = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
-    print(f"bench_ep on {device}\n" + "\n".join([fmt(header), fmt(["-" * w for w in widths])]
-                                                + [fmt(line) for line in lines]))
+    print(f"bench_ep on {device}\n" + harness.table(header, lines, left=len(header)))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(script="bench_ep", device=device, torch=torch.__version__, quick=args.quick, iters=args.iters,

@@ -343,13 +343,6 @@ def fmt(value, spec):
     return "-" if value is None else format(value, spec)
 
 
-def table(header, lines, left=3):
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
-    out = lambda cells: "  ".join(str(c).rjust(w) if i >= left else str(c).ljust(w)  # noqa: E731
-                                  for i, (c, w) in enumerate(zip(cells, widths)))
-    return "\n".join([out(header), out(["-" * w for w in widths])] + [out(line) for line in lines])
-
-
 def gpu_table(rows, peaks):
     """Per problem: the kernel's configuration, decode weight bandwidth, speed-ups."""
     by_key = {(r["op"], r["label"], r["backend"]): r for r in rows}
@@ -364,7 +357,7 @@ def gpu_table(rows, peaks):
     hbm = f"{peaks['gbps']} GB/s" if peaks and peaks.get("gbps") else "unknown"
     return (f"cuda kernel per problem (weight GB/s: decode forwards, HBM peak {hbm}; speed-up = "
             f"baseline median / cuda median):\n"
-            + table(("op", "case", "config", "active E", "weight GB/s", "of HBM", "vs mm-loop",
+            + harness.table(("op", "case", "config", "active E", "weight GB/s", "of HBM", "vs mm-loop",
                      "vs grouped_mm"), lines, left=3))
 
 
@@ -376,7 +369,7 @@ def cpu_table(rows):
              for r in rows if r.get("traffic")]
     return ("simt emulator traffic counters (one call per case; bytes in 32-byte sectors; weight "
             "read ratio = (read - activation re-reads) / (active experts * N * K * 2), decode "
-            "forwards):\n" + table(("op", "case", "config", "launches", "read MB", "written MB",
+            "forwards):\n" + harness.table(("op", "case", "config", "launches", "read MB", "written MB",
                                     "moved/min", "weight read ratio", "emulator ms"), lines, left=3))
 
 

@@ -199,7 +199,7 @@ def gpu_table(rows, peaks):
     return (f"cuda W4A16 per problem (weight GB/s: decode forwards, active E * (N*K/2 + scales + zeros) / "
             f"time, HBM peak {hbm}; vs bf16 = bf16 grouped GEMM median / this median; goal: >= "
             f"{GOAL_SPEEDUP:.0f}x and >= {GOAL_HBM:.0%} of HBM at <= 16 rows per expert):\n"
-            + bgg.table(("op", "case", "config", "active E", "rows/E", "median us", "weight GB/s", "of HBM",
+            + harness.table(("op", "case", "config", "active E", "rows/E", "median us", "weight GB/s", "of HBM",
                          "vs bf16", "goal"), lines, left=3))
 
 
@@ -222,7 +222,7 @@ def cpu_table(rows):
             "bytes read / the bf16 GEMM's; weight read ratio = (read - activation re-reads) / (active "
             "experts * weight bytes per expert), decode forwards, ! above "
             f"{WEIGHT_READ_BOUND}; other bytes = bytes read - activation re-reads - weight bytes):\n"
-            + bgg.table(("op", "case", "config", "launches", "read MB", "written MB", "moved/min", "read vs bf16",
+            + harness.table(("op", "case", "config", "launches", "read MB", "written MB", "moved/min", "read vs bf16",
                          "weight read ratio", "other bytes", "emulator ms"), lines, left=3))
 
 

@@ -390,7 +390,7 @@ def gpu_table(rows):
             f"cuda layer per case (kernels = sum of its CUDA kernels' times, one profiled call; overhead = "
             f"layer / kernels - 1, goal <= {GOAL_OVERHEAD:.0%}; vs X = X median / cuda median; peak MiB = "
             f"max_memory_allocated above the memory held before the case):\n"
-            + bgg.table(("op", "case", "layer us", "kernels us", "overhead", "goal", "vs hf-grouped_mm",
+            + harness.table(("op", "case", "layer us", "kernels us", "overhead", "goal", "vs hf-grouped_mm",
                          "vs hf-eager", "vs reference", "peak MiB"), lines, left=2))
 
 
@@ -411,7 +411,7 @@ def cpu_table(rows):
                           f"{r['median_us'] / 1e3:.0f}" if phase == "total" else ""))
     return ("simt emulator traffic counters per phase (one call per case; moved = 32-byte sectors read "
             "and written, min = each distinct byte read once and written once):\n"
-            + bgg.table(("op", "case", "phase", "launches", "moved KB", "min KB", "moved/min", "emulator ms"),
+            + harness.table(("op", "case", "phase", "launches", "moved KB", "min KB", "moved/min", "emulator ms"),
                         lines, left=3))
 
 

@@ -109,7 +109,9 @@ def speedup(by_key, row, backend):
     return base["median_us"] / row["median_us"] if base and row["median_us"] else None
 
 
-def parse_args(description, argv=None):
+def parse_args(description, argv=None, extra=None, iters=(5, 50, 10), warmup=(1, 10, 2)):
+    """The flags every script takes; `extra(parser)` adds a script's own. `iters` and
+    `warmup`: the defaults with --quick, on a GPU, on a CPU."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true",
                         help="few small shapes (CPU smoke test, CI)")
@@ -119,12 +121,22 @@ def parse_args(description, argv=None):
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls first")
     parser.add_argument("--backends", default=None,
                         help="comma-separated subset of the backends to time")
+    if extra is not None:
+        extra(parser)
     args = parser.parse_args(argv)
     args.name = Path(sys.argv[0]).stem
-    gpu = torch.cuda.is_available()
-    args.iters = args.iters or (5 if args.quick else 50 if gpu else 10)
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 10 if gpu else 2)
+    pick = 0 if args.quick else 1 if torch.cuda.is_available() else 2
+    args.iters = args.iters or iters[pick]
+    args.warmup = args.warmup if args.warmup is not None else warmup[pick]
     return args
+
+
+def table(header, lines, left=3):
+    """A text table: the first `left` columns left-aligned, the rest right-aligned."""
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
+    out = lambda cells: "  ".join(str(c).rjust(w) if i >= left else str(c).ljust(w)  # noqa: E731
+                                  for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([out(header), out(["-" * w for w in widths])] + [out(line) for line in lines])
 
 
 def backends(args):
