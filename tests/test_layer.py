@@ -452,6 +452,29 @@ def test_bad_inputs():
         MoE(64, 32, 8, 2, shared_gate=True)
     with pytest.raises(ValueError, match="capacity_factor"):
         MoE(64, 32, 8, 2, capacity_factor=0)
+    constructor_cases = [
+        (dict(hidden_size=0), ValueError, "hidden_size"),
+        (dict(intermediate_size=0), ValueError, "intermediate_size"),
+        (dict(num_experts=0), ValueError, "num_experts"),
+        (dict(routing="hash"), ValueError, "routing"),
+        (dict(scoring="tanh"), ValueError, "scoring"),
+        (dict(activation="tanh"), ValueError, "activation"),
+        (dict(w_layout="kk"), ValueError, "w_layout"),
+        (dict(drop_policy="random"), ValueError, "drop_policy"),
+        (dict(router_dtype=torch.int32), TypeError, "router_dtype"),
+        (dict(renormalize=1), TypeError, "renormalize"),
+        (dict(weight_on_input="yes"), TypeError, "weight_on_input"),
+        (dict(shared_intermediate_size=-1), ValueError, "shared_intermediate_size"),
+        (dict(aux_loss_coef="big"), TypeError, "aux_loss_coef"),
+    ]
+    for change, error, match in constructor_cases:
+        args = dict(hidden_size=64, intermediate_size=32, num_experts=8, k=2)
+        args.update(change)
+        with pytest.raises(error, match=match):
+            MoE(**args)
+    kn = MoE(64, 32, 8, 2, w_layout="kn")
+    with pytest.raises(ValueError, match="w_layout"):
+        kn.quantize(group_size=32)
 
 
 def test_presets_build_at_model_sizes_on_meta():
