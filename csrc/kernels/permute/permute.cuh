@@ -24,7 +24,10 @@
 //           32 experts reads the group's part of the list once (staged in shared memory
 //           when it fits): per expert a radix select of the capacity-th largest weight
 //           (per-warp aggregated histogram, digit found by a block scan), then one sweep
-//           in list order keeps the winners in (token, slot) order.
+//           in list order keeps the winners in (token, slot) order, writes their gather
+//           and weights in row order, and per tile and expert how many it keeps and their
+//           first row; the place kernel runs again on each tile (its finish pass) and
+//           writes row_map in assignment order.
 // Where an assignment gets row r, the stage also writes gather[r] (its token) and the
 // permuted weight: permute_plan is this stage alone.
 // Products round on their own, never fused into a following add (the build's -fmad=false,
@@ -70,6 +73,10 @@ struct IndexWorkspace {
   // each) and the offsets kernel's passes (a thread per expert, the threads of a warp on
   // consecutive experts) are all coalesced.
   int32_t* tile_counts;
+  // [num_tiles][num_local], drop by weight only: the select kernel's verdict per tile and
+  // key, how many of the tile's assignments of the key it keeps (their first row it writes
+  // in tile_counts), for the place kernel's finish pass.
+  int32_t* tile_kept;
   int32_t* counts;       // [E]: assignments of each local expert
   int32_t* list_start;   // [E]: exclusive scan of counts (start in `sorted`)
   int32_t* key_end;      // [E]: rows of the key are below it (where keys_end: rows can end)
@@ -86,6 +93,8 @@ inline IndexWorkspace index_workspace(void* base, int64_t num_assignments, int n
   w.num_tiles = permute_num_tiles(num_assignments);
   int32_t* p = static_cast<int32_t*>(base);
   w.tile_counts = p;
+  p += static_cast<int64_t>(num_experts) * w.num_tiles;
+  w.tile_kept = p;
   p += static_cast<int64_t>(num_experts) * w.num_tiles;
   w.counts = p;
   p += num_experts;
@@ -383,18 +392,77 @@ __device__ __forceinline__ void stage_tile(const PermuteIndexParams& p, const Ti
   __syncthreads();
 }
 
-__global__ void __launch_bounds__(kPlaceThreads) permute_place_kernel(PermuteIndexParams p, IndexWorkspace w) {
+// The finish pass of drop by weight (after the select kernel), on the staged tile and its
+// list: per key, shift = the first row of the tile's kept assignments and key_half = how
+// many of them the select kept. The kept ones of a key in this tile are its top kept by
+// (weight key desc, list position asc): the select keeps the key's top `keep` in that order,
+// and any top set of an order meets a run of it in a top set of the run. Their rows follow
+// in list order. row_map is written in assignment order, every access coalesced.
+__device__ __forceinline__ void finish_tile(const PermuteIndexParams& p, const TileSmem& m, int num_local,
+                                            int64_t begin, int n, int listed, int64_t* warp_totals) {
+  // After place_warp, placed[l] is the end of key l's run in the list, and the start of key
+  // l + 1's (runs follow in key order).
+  auto run_start = [&](int key) -> int { return key > 0 ? m.placed[key - 1] : 0; };
+  // 1. Kept or not, per list entry: m.row[a] = 1 or 0.
+  for (int i = threadIdx.x; i < listed; i += blockDim.x) {
+    const int a = m.list[i];
+    const int key = m.key[a];
+    const int start = run_start(key), end = m.placed[key];
+    const int keep = m.key_half[key];
+    bool kept = keep >= end - start;
+    if (!kept && keep > 0) {
+      const uint32_t mine = weight_key(m.weight[a]);
+      int above = 0;
+      for (int j = start; j < end && above < keep; ++j) {
+        const uint32_t other = weight_key(m.weight[m.list[j]]);
+        above += other > mine || (other == mine && j < i) ? 1 : 0;
+      }
+      kept = above < keep;
+    }
+    m.row[a] = kept ? 1 : 0;
+  }
+  __syncthreads();
+  // 2. A scan of the kept flags in list order: m.row[a] = kept entries before it in the list
+  // (-1: dropped), and key_half[key] = that count at the start of the key's run.
+  int64_t kept_before = 0;
+  for (int round = 0; round < listed; round += blockDim.x) {
+    const int i = round + threadIdx.x;
+    const int a = i < listed ? m.list[i] : 0;
+    const int kept = i < listed ? m.row[a] : 0;
+    int64_t round_total;
+    const int64_t rank = kept_before + block_exclusive_scan<kPlaceThreads>(kept, warp_totals, &round_total);
+    if (i < listed) {
+      m.row[a] = kept ? static_cast<int32_t>(rank) : -1;
+      const int key = m.key[a];
+      if (i == run_start(key)) m.key_half[key] = static_cast<int16_t>(rank);
+    }
+    kept_before += round_total;
+  }
+  __syncthreads();
+  for (int a = threadIdx.x; a < n; a += blockDim.x) {
+    const int key = m.key[a];
+    const int32_t rank = key < num_local ? m.row[a] : -1;
+    p.row_map[begin + a] = rank >= 0 ? m.key_word[key] + rank - m.key_half[key] : -1;
+  }
+}
+
+// mode: kPlaceRows (rows and gather; no select), kPlaceList (before the select kernel: the
+// list grouped by key, in `sorted`) or kPlaceFinish (after it: row_map).
+constexpr int kPlaceRows = 0, kPlaceList = 1, kPlaceFinish = 2;
+
+__global__ void __launch_bounds__(kPlaceThreads)
+    permute_place_kernel(PermuteIndexParams p, IndexWorkspace w, int mode) {
   __shared__ int64_t warp_totals[kPlaceThreads / 32];
   const int num_local = num_keys(p);
   const TileSmem m = tile_smem(dynamic_smem<unsigned char>(), num_local);
-  // Per key: row = list position + shift, for list positions below limit.
+  // Per key: row = list position + shift, for list positions below limit (finish: shift is
+  // the first kept row and limit the number kept).
   int32_t* const shift = m.key_word;
   int16_t* const limit = m.key_half;
   const int tile = blockIdx.x;
   const int64_t begin = static_cast<int64_t>(tile) * kPermuteTile;
   const int n = static_cast<int>(min(static_cast<int64_t>(kPermuteTile), p.num_tokens * p.k - begin));
-  const bool select = p.drop_by_weight && p.capacity >= 0;  // the select kernel places rows
-  const bool stage_weights = p.weights_out != nullptr || select;
+  const bool stage_weights = p.weights_out != nullptr || mode != kPlaceRows;
   stage_tile(p, m, num_local, begin, n, stage_weights);
   // Per key: its first list position (a scan of the tile's counts), and for list position
   // i of the key, row (or position in `sorted`) = i + shift, shift = the tile's first
@@ -410,13 +478,19 @@ __global__ void __launch_bounds__(kPlaceThreads) permute_place_kernel(PermuteInd
     // its key_end where rows can end): per-tile reads of all E + 1 offsets were most of
     // this kernel's traffic beyond the minimum at 4096 experts.
     if (l < num_local) {
-      const int64_t first = w.tile_counts[static_cast<int64_t>(tile) * num_local + l];
-      int64_t key_limit = kPermuteTile;
-      if (!select && keys_end(p)) {
-        key_limit = min(max(w.key_end[l] - first + list_start, int64_t{0}), static_cast<int64_t>(kPermuteTile));
+      const int64_t index = static_cast<int64_t>(tile) * num_local + l;
+      const int64_t first = w.tile_counts[index];
+      if (mode == kPlaceFinish) {
+        shift[l] = static_cast<int32_t>(first);
+        limit[l] = static_cast<int16_t>(w.tile_kept[index]);
+      } else {
+        int64_t key_limit = kPermuteTile;
+        if (mode == kPlaceRows && keys_end(p)) {
+          key_limit = min(max(w.key_end[l] - first + list_start, int64_t{0}), static_cast<int64_t>(kPermuteTile));
+        }
+        shift[l] = static_cast<int32_t>(first - list_start);
+        limit[l] = static_cast<int16_t>(key_limit);
       }
-      shift[l] = static_cast<int32_t>(first - list_start);
-      limit[l] = static_cast<int16_t>(key_limit);
       m.placed[l] = static_cast<int16_t>(list_start);
     }
     listed += round_total;
@@ -424,11 +498,14 @@ __global__ void __launch_bounds__(kPlaceThreads) permute_place_kernel(PermuteInd
   __syncthreads();  // placed, shift and limit are visible to the block after this
   if (threadIdx.x < 32) place_warp(m.key, m.placed, m.list, n, num_local);
   __syncthreads();  // the list is complete after this
+  if (mode == kPlaceFinish) {
+    finish_tile(p, m, num_local, begin, n, static_cast<int>(listed), warp_totals);
+    return;
+  }
   for (int i = threadIdx.x; i < listed; i += blockDim.x) {
     const int a = m.list[i];
     const int key = m.key[a];
-    if (select) {
-      // The select kernel writes row_map, gather and weights_out from the list.
+    if (mode == kPlaceList) {
       w.sorted[shift[key] + i] = sorted_entry(static_cast<int32_t>(begin + a), m.weight[a]);
       continue;
     }
@@ -436,17 +513,13 @@ __global__ void __launch_bounds__(kPlaceThreads) permute_place_kernel(PermuteInd
     m.row[a] = row;
     if (row >= 0) {
       p.gather[row] = (begin + a) / p.k;
-      if (stage_weights) p.weights_out[row] = m.weight[a];
+      if (p.weights_out != nullptr) p.weights_out[row] = m.weight[a];
     }
   }
+  if (mode == kPlaceList) return;  // the finish pass writes row_map
   __syncthreads();  // every local assignment's row is in shared memory after this
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
-    const bool local = m.key[i] < num_local;
-    if (!local) {
-      p.row_map[begin + i] = -1;
-    } else if (!select) {
-      p.row_map[begin + i] = m.row[i];
-    }
+    p.row_map[begin + i] = m.key[i] < num_local ? m.row[i] : -1;
   }
 }
 
@@ -549,9 +622,12 @@ __global__ void __launch_bounds__(kOffsetsThreads, 1)
 // in list order and coalesced, once per radix pass); per key with more assignments than
 // it keeps, a radix select of the keep-th largest weight (per-warp aggregated histogram,
 // digit found by a block scan); then one sweep over the range in list order keeps the
-// winners and writes row_map, gather and weights_out. One block per key read each key's
-// few bytes of metadata and list one sector each, gathered the weights one per sector and
-// wrote its rows in instructions of its own (4-7x the minimum traffic at 256-4096 experts).
+// winners and writes gather and weights_out; last, per tile and key, the first row of the
+// tile's kept assignments and their number, for the place kernel's finish pass to write
+// row_map. One block per key read each key's few bytes of metadata and list one sector
+// each, gathered the weights one per sector and wrote its rows in instructions of its own
+// (4-7x the minimum traffic at 256-4096 experts); writing row_map here, in list order,
+// scattered it one 32-byte sector per 8-byte entry (2.0-2.4x at 256-4096 experts).
 constexpr int kSelectGroup = 32;    // keys per block: warp 0 reads their metadata at once
 constexpr int kSelectStage = 4096;  // list entries staged in shared memory (32 KiB)
 
@@ -620,7 +696,7 @@ __global__ void __launch_bounds__(kSelectThreads)
   // Each lane reads whole 8-byte entries: coalesced, and no bank conflict in shared memory.
   // No barrier after the staging: the radix passes read the entries after their first
   // barrier, and the sweep's thread reads only the entries it staged itself.
-  const uint64_t* entries = w.sorted + range[0];
+  uint64_t* entries = w.sorted + range[0];
   if (len <= kSelectStage) {  // uniform
     uint64_t* staged = dynamic_smem<uint64_t>();
     for (int i = tid; i < len; i += kSelectThreads) staged[i] = entries[i];
@@ -698,12 +774,46 @@ __global__ void __launch_bounds__(kSelectThreads)
     if (first) keys[j].kept_base = kept_rank;
     __syncthreads();
     if (valid) {
-      const int64_t row = kept ? keys[j].segment + kept_rank - keys[j].kept_base : -1;
-      p.row_map[entry_item(e)] = row;
       if (kept) {
+        const int64_t row = keys[j].segment + kept_rank - keys[j].kept_base;
         p.gather[row] = entry_item(e) / p.k;
         if (p.weights_out != nullptr) p.weights_out[row] = entry_weight(e);
       }
+      // The entry is not read again: its place now holds the kept entries of its key before it.
+      entries[i] = static_cast<uint64_t>(kept_rank - keys[j].kept_base);
+    }
+  }
+
+  // Per tile and key of the group, for the place kernel's finish pass (which writes row_map
+  // in assignment order, where this sweep scattered it one sector per entry): the first row
+  // of the tile's kept assignments of the key, in tile_counts over the tile's first list
+  // position, and how many it keeps, in tile_kept. Warp v takes a run of tiles, lane j the
+  // key first_key + j: each tile's row of the group's keys is read and written coalesced.
+  const int lane = tid % 32, warp = tid / 32;
+  const int num_local = num_keys(p);
+  const int tiles_per_warp = (w.num_tiles + kSelectThreads / 32 - 1) / (kSelectThreads / 32);
+  const int tile_begin = min(warp * tiles_per_warp, w.num_tiles);
+  const int tile_end = min(tile_begin + tiles_per_warp, w.num_tiles);
+  const bool lane_works = lane < group && tile_begin < tile_end;
+  // Kept entries of the key in the tiles before tile t: the prefix at the tile's first list
+  // position (a tile past the key's last entry: all it keeps).
+  auto kept_before_tile = [&](int t) -> int64_t {
+    const int32_t end = keys[lane].end;
+    const int64_t position = t < w.num_tiles ? w.tile_counts[static_cast<int64_t>(t) * num_local + first_key + lane] - range[0] : end;
+    return position < end ? static_cast<int64_t>(entries[position]) : min(static_cast<int64_t>(end - keys[lane].begin), keys[lane].keep);
+  };
+  __syncthreads();  // the prefixes are in place
+  // The next warp's first tile is read before the barrier: that warp overwrites it after.
+  const int64_t kept_at_end = lane_works ? kept_before_tile(tile_end) : 0;
+  __syncthreads();
+  if (lane_works) {
+    int64_t before = kept_before_tile(tile_begin);
+    for (int t = tile_begin; t < tile_end; ++t) {
+      const int64_t after = t + 1 < tile_end ? kept_before_tile(t + 1) : kept_at_end;
+      const int64_t index = static_cast<int64_t>(t) * num_local + first_key + lane;
+      w.tile_counts[index] = static_cast<int32_t>(keys[lane].segment + before);
+      w.tile_kept[index] = static_cast<int32_t>(after - before);
+      before = after;
     }
   }
 }
@@ -943,7 +1053,7 @@ void launch_row_dot_typed(const RowDotParams& p, cudaStream_t stream) {
 
 size_t permute_index_workspace_bytes(int64_t num_tokens, int k, int num_experts) {
   const int64_t n = num_tokens * k;
-  const int64_t ints = static_cast<int64_t>(num_experts) * permute::permute_num_tiles(n) +
+  const int64_t ints = 2 * static_cast<int64_t>(num_experts) * permute::permute_num_tiles(n) +
                        3 * static_cast<int64_t>(num_experts) + 1 + 2 * n;  // 1: sorted's alignment
   return static_cast<size_t>(ints) * sizeof(int32_t);
 }
@@ -976,16 +1086,20 @@ void launch_permute_index(const PermuteIndexParams& p, cudaStream_t stream) {
                   p, w);
     launch_kernel("permute_offsets_kernel", permute::permute_offsets_kernel,
                   LaunchConfig{dim3(1), dim3(permute::kOffsetsThreads), counter_bytes, stream}, p, w);
-    launch_kernel("permute_place_kernel", permute::permute_place_kernel,
-                  LaunchConfig{dim3(w.num_tiles), dim3(permute::kPlaceThreads),
-                               permute::tile_smem_bytes(num_local), stream},
-                  p, w);
-  }
-  if (p.drop_by_weight && p.capacity >= 0 && w.num_tiles > 1) {  // one tile: selected above
-    launch_kernel("permute_select_kernel", permute::permute_select_kernel,
-                  LaunchConfig{dim3(ceil_div(num_local, permute::kSelectGroup)), dim3(permute::kSelectThreads),
-                               permute::kSelectStage * sizeof(uint64_t), stream},
-                  p, w);
+    const LaunchConfig place{dim3(w.num_tiles), dim3(permute::kPlaceThreads), permute::tile_smem_bytes(num_local),
+                             stream};
+    // Drop by weight (a single tile selects above): the list grouped by key, the select
+    // kernel's verdict on it, then row_map.
+    const bool select = p.drop_by_weight && p.capacity >= 0;
+    launch_kernel("permute_place_kernel", permute::permute_place_kernel, place, p, w,
+                  select ? permute::kPlaceList : permute::kPlaceRows);
+    if (select) {
+      launch_kernel("permute_select_kernel", permute::permute_select_kernel,
+                    LaunchConfig{dim3(ceil_div(num_local, permute::kSelectGroup)), dim3(permute::kSelectThreads),
+                                 permute::kSelectStage * sizeof(uint64_t), stream},
+                    p, w);
+      launch_kernel("permute_place_kernel", permute::permute_place_kernel, place, p, w, permute::kPlaceFinish);
+    }
   }
 }
 
