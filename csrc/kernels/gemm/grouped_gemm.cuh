@@ -25,6 +25,7 @@
 //     offsets[E]; masked: rows past counts[e]).
 #pragma once
 
+#include <stdexcept>
 #include <type_traits>
 
 #include "../common/launch.cuh"
@@ -264,30 +265,30 @@ __global__ void __launch_bounds__(Tr::THREADS, Tr::MIN_BLOCKS) grouped_gemm_kern
             load_group(g);
           }
         }
-        return;
-      }
+      } else {  // 16-bit weights
 #pragma unroll
-      for (int c = 0; c < B_COPIES; ++c) {
-        if constexpr (W_KN) {
-          const int kr_local = threadIdx.x / CPR_N + c * (Tr::THREADS / CPR_N);
-          const int64_t kr = k0 + kr_local;
-          T* dst = sb + kr_local * (Tr::BN + Tr::PAD) + b_chunk[0] * Tr::CHUNK;
-          const T* src = b_src[0] != nullptr && kr < p.k ? b_src[0] + kr * p.n : nullptr;
-          if (split_up_half) {
-            // The upper half exists unless the chunk straddles the end of N / 2 (recomputed
-            // here rather than kept in a register for the whole tile).
-            bool high_valid;
-            weight_row<Tr>(b_chunk[0] * Tr::CHUNK + Tr::CHUNK / 2, n_tile, p.n, halves, high_valid);
-            copy_half_chunk(dst, src, w);
-            copy_half_chunk(dst + Tr::CHUNK / 2, src != nullptr && high_valid ? src + Tr::CHUNK / 2 : nullptr, w);
+        for (int c = 0; c < B_COPIES; ++c) {
+          if constexpr (W_KN) {
+            const int kr_local = threadIdx.x / CPR_N + c * (Tr::THREADS / CPR_N);
+            const int64_t kr = k0 + kr_local;
+            T* dst = sb + kr_local * (Tr::BN + Tr::PAD) + b_chunk[0] * Tr::CHUNK;
+            const T* src = b_src[0] != nullptr && kr < p.k ? b_src[0] + kr * p.n : nullptr;
+            if (split_up_half) {
+              // The upper half exists unless the chunk straddles the end of N / 2 (recomputed
+              // here rather than kept in a register for the whole tile).
+              bool high_valid;
+              weight_row<Tr>(b_chunk[0] * Tr::CHUNK + Tr::CHUNK / 2, n_tile, p.n, halves, high_valid);
+              copy_half_chunk(dst, src, w);
+              copy_half_chunk(dst + Tr::CHUNK / 2, src != nullptr && high_valid ? src + Tr::CHUNK / 2 : nullptr, w);
+            } else {
+              copy_chunk(dst, src, w);
+            }
           } else {
-            copy_chunk(dst, src, w);
+            const int idx = threadIdx.x + c * Tr::THREADS;
+            const int64_t kc = k0 + b_chunk[c] * Tr::CHUNK;
+            copy_chunk(sb + (idx / CPR_K) * (Tr::BK + Tr::PAD) + b_chunk[c] * Tr::CHUNK,
+                       b_src[c] != nullptr && kc < p.k ? b_src[c] + kc : nullptr, w);
           }
-        } else {
-          const int idx = threadIdx.x + c * Tr::THREADS;
-          const int64_t kc = k0 + b_chunk[c] * Tr::CHUNK;
-          copy_chunk(sb + (idx / CPR_K) * (Tr::BK + Tr::PAD) + b_chunk[c] * Tr::CHUNK,
-                     b_src[c] != nullptr && kc < p.k ? b_src[c] + kc : nullptr, w);
         }
       }
     };
@@ -402,6 +403,10 @@ void launch_tile(const GroupedGemmParams& p, GemmConfig& config, cudaStream_t st
   config.grid = persistent_grid(p.num_sms, max_tiles(config, p.rows.m, n_tiles, p.num_experts));
   constexpr size_t smem = WK == WeightKind::q4 ? Tr::smem_bytes_q4()
                                                : Tr::template smem_bytes<false, WK == WeightKind::kn>();
+  // The heuristic (host code, no traits) sizes the same tile by its own formula: keep them one.
+  if (tile_smem_bytes(config, WK == WeightKind::kn, WK == WeightKind::q4) != static_cast<int64_t>(smem)) {
+    throw std::logic_error("grouped_gemm: heuristics.h tile_smem_bytes disagrees with the tile traits");
+  }
   LaunchConfig cfg{dim3(config.grid), dim3(Tr::THREADS), smem, stream};
   launch_kernel("grouped_gemm_kernel", grouped_gemm_kernel<T, Tr, WK>, cfg, p);
 }
