@@ -542,10 +542,12 @@ def test_permute_plan_matches_reference_and_naive_loop(backend, case):
         assert plan.num_rows.cpu().tolist() == [int(offsets[-1])]
 
 
-# The multi-tile select (T * k > 1024, drop by weight) works on groups of 32 consecutive
-# local experts: many experts with a few assignments each (4096 and 512 experts, as the
-# presets), a last group past the last expert, groups whose list is longer than the 4096
-# entries staged in shared memory (worked on in global memory), local ranges and maps,
+# The multi-tile select (T * k > 1024, drop by weight) works on groups of up to 32
+# consecutive local experts (fewer when experts average many assignments): many experts
+# with a few assignments each (4096 and 512 experts, as the presets), a last group past the
+# last expert, groups whose list is longer than the 4096 entries staged in shared memory
+# (each expert staged on its own), an expert longer than that (worked on in global
+# memory), local ranges and maps,
 # capacity 0 and a capacity above every count, more tiles than the select kernel has warps.
 # Weights on a grid of 1/8 tie often, some negative, -0.0 and NaN among them.
 SELECT_CASES = [
@@ -554,6 +556,7 @@ SELECT_CASES = [
     dict(T=520, E=512, k=10, capacity=7),
     dict(T=3000, E=3, k=2, capacity=1500),  # one group of 6000 entries
     dict(T=3000, E=40, k=2, capacity=90, skew=True),  # the first group: 5000+ entries
+    dict(T=5000, E=16, k=1, capacity=100, hot=True),  # expert 0: 4500+ entries
     dict(T=700, E=70, k=2, capacity=15, expert_range=(5, 69)),
     dict(T=700, E=70, k=2, capacity=15, expert_map=50),
     dict(T=700, E=70, k=2, capacity=0),
@@ -570,6 +573,8 @@ def test_multi_tile_select_matches_reference(backend, case):
     ids = torch.randint(0, E, (T, k), generator=g, dtype=torch.int32)
     if kw.pop("skew", False):
         ids[: T * 9 // 10] %= 4  # most assignments to 4 experts of the first group
+    if kw.pop("hot", False):
+        ids[: T * 9 // 10] = 0
     w = torch.randint(-2, 9, (T, k), generator=g).float() / 8
     w[::5, 0] = -0.0
     w[::11, -1] = float("nan")

@@ -616,10 +616,11 @@ __global__ void __launch_bounds__(kOffsetsThreads, 1)
   }
 }
 
-// The select kernel, one block per group of kSelectGroup consecutive local keys, whose
+// The select kernel, one block per group of up to kSelectGroup consecutive local keys, whose
 // lists are consecutive in `sorted`: the block reads the group's range of the list once,
-// coalesced, into shared memory when it fits (else it works on it in global memory, still
-// in list order and coalesced, once per radix pass); per key with more assignments than
+// coalesced, into shared memory when it fits (else each key it selects in that fits is
+// staged on its own, and a longer key is read from global memory, still in list order and
+// coalesced, once per radix pass); per key with more assignments than
 // it keeps, a radix select of the keep-th largest weight (per-warp aggregated histogram,
 // digit found by a block scan); then one sweep over the range in list order keeps the
 // winners and writes gather and weights_out; last, per tile and key, the first row of the
@@ -628,7 +629,7 @@ __global__ void __launch_bounds__(kOffsetsThreads, 1)
 // each, gathered the weights one per sector and wrote its rows in instructions of its own
 // (4-7x the minimum traffic at 256-4096 experts); writing row_map here, in list order,
 // scattered it one 32-byte sector per 8-byte entry (2.0-2.4x at 256-4096 experts).
-constexpr int kSelectGroup = 32;    // keys per block: warp 0 reads their metadata at once
+constexpr int kSelectGroup = 32;    // keys per block at most: warp 0 reads their metadata at once
 constexpr int kSelectStage = 4096;  // list entries staged in shared memory (32 KiB)
 
 // histogram[digit] += the lanes of this warp with that digit (256: none): one atomic per
@@ -661,15 +662,15 @@ struct SelectKey {
 };
 
 __global__ void __launch_bounds__(kSelectThreads)
-    permute_select_kernel(PermuteIndexParams p, IndexWorkspace w) {
+    permute_select_kernel(PermuteIndexParams p, IndexWorkspace w, int group_keys) {
   __shared__ SelectKey keys[kSelectGroup];
   __shared__ int64_t range[2];   // the group's entries in the list (64-bit: nvcc and the emulator then lay out the same padding)
   __shared__ int32_t histogram[256];
   __shared__ int64_t choice[2];  // digit, still to keep among keys equal to the prefix
   __shared__ int64_t warp_totals[kSelectThreads / 32];
   const int tid = threadIdx.x;
-  const int first_key = blockIdx.x * kSelectGroup;
-  const int group = min(kSelectGroup, num_keys(p) - first_key);
+  const int first_key = blockIdx.x * group_keys;
+  const int group = min(group_keys, num_keys(p) - first_key);
 
   if (tid < kSelectGroup) {  // warp 0, lane j on key first_key + j: coalesced reads
     int32_t begin = 0, count = 0;
@@ -695,20 +696,32 @@ __global__ void __launch_bounds__(kSelectThreads)
   const int len = static_cast<int>(range[1] - range[0]);
   // Each lane reads whole 8-byte entries: coalesced, and no bank conflict in shared memory.
   // No barrier after the staging: the radix passes read the entries after their first
-  // barrier, and the sweep's thread reads only the entries it staged itself.
+  // barrier, and the sweep's thread reads only the entries it staged itself (or, unstaged,
+  // global memory).
   uint64_t* entries = w.sorted + range[0];
-  if (len <= kSelectStage) {  // uniform
-    uint64_t* staged = dynamic_smem<uint64_t>();
+  uint64_t* const staged = dynamic_smem<uint64_t>();
+  const bool group_staged = len <= kSelectStage;  // uniform
+  if (group_staged) {
     for (int i = tid; i < len; i += kSelectThreads) staged[i] = entries[i];
     entries = staged;
   }
 
   // Thresholds of the keys with more entries than they keep, one key at a time (the
-  // loops are uniform: every bound comes from shared memory).
+  // loops are uniform: every bound comes from shared memory). A group too long to stage
+  // stages each such key that fits on its own: its four passes then read global memory
+  // once, not four times.
   for (int j = 0; j < group; ++j) {
     const int begin = keys[j].begin, end = keys[j].end;
     const int64_t keep = keys[j].keep;
     if (end - begin <= keep) continue;
+    const uint64_t* source = entries;  // entry i of the key is source[i - source_begin]
+    int source_begin = 0;
+    if (!group_staged && end - begin <= kSelectStage) {
+      // The last pass of the key before read `staged` before its final barrier.
+      for (int i = begin + tid; i < end; i += kSelectThreads) staged[i - begin] = entries[i];
+      source = staged;
+      source_begin = begin;
+    }
     uint32_t prefix = 0;
     int64_t need = keep;
     for (int shift = 24; shift >= 0; shift -= 8) {
@@ -717,7 +730,7 @@ __global__ void __launch_bounds__(kSelectThreads)
       __syncthreads();
       for (int base = begin; base < end; base += kSelectThreads) {
         const int i = base + tid;
-        const uint32_t key = i < end ? weight_key(entry_weight(entries[i])) : 0u;
+        const uint32_t key = i < end ? weight_key(entry_weight(source[i - source_begin])) : 0u;
         warp_count_digit(histogram, i < end && (key & high) == prefix ? static_cast<int>((key >> shift) & 255u) : 256);
       }
       __syncthreads();
@@ -1094,10 +1107,16 @@ void launch_permute_index(const PermuteIndexParams& p, cudaStream_t stream) {
     launch_kernel("permute_place_kernel", permute::permute_place_kernel, place, p, w,
                   select ? permute::kPlaceList : permute::kPlaceRows);
     if (select) {
+      // Keys per select block: 32, halved while the group's expected list (n / E entries a
+      // key) would fill more than half the stage, so that it stays in shared memory (a
+      // skewed group that does not fit still works, in global memory).
+      int group_keys = permute::kSelectGroup;
+      const int64_t per_key = std::max<int64_t>(n / p.num_experts, 1);
+      while (group_keys > 1 && 2 * group_keys * per_key > permute::kSelectStage) group_keys /= 2;
       launch_kernel("permute_select_kernel", permute::permute_select_kernel,
-                    LaunchConfig{dim3(ceil_div(num_local, permute::kSelectGroup)), dim3(permute::kSelectThreads),
+                    LaunchConfig{dim3(ceil_div(num_local, group_keys)), dim3(permute::kSelectThreads),
                                  permute::kSelectStage * sizeof(uint64_t), stream},
-                    p, w);
+                    p, w, group_keys);
       launch_kernel("permute_place_kernel", permute::permute_place_kernel, place, p, w, permute::kPlaceFinish);
     }
   }
