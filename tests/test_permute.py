@@ -506,7 +506,9 @@ PLAN_CASES = (
      dict(T=2200, E=2, k=1, capacity=700, drop_policy="weight"),  # > 1024 per expert
      dict(T=1100, E=384, k=8, capacity=30, drop_policy="position", align=8, expert_range=(100, 300)),
      dict(T=600, E=4096, k=8), dict(T=600, E=4096, k=8, capacity=1, align=2),  # many experts, 5 tiles
-     dict(T=520, E=512, k=10, capacity=7, expert_range=(0, 500))]
+     dict(T=520, E=512, k=10, capacity=7, expert_range=(0, 500))] +
+    # 33 tiles x 300 experts: the offsets work on slices of 32 tiles (the last one partial)
+    [dict(T=4200, E=300, k=8), dict(T=4200, E=300, k=8, capacity=100, align=4, expert_range=(10, 290))]
 )
 
 
@@ -562,6 +564,7 @@ SELECT_CASES = [
     dict(T=700, E=70, k=2, capacity=0),
     dict(T=700, E=70, k=2, capacity=10000),
     dict(T=1100, E=64, k=8, capacity=100),  # 9 tiles: the select's warps take two tiles each
+    dict(T=4200, E=300, k=8, capacity=100, expert_map=250),  # 33 tiles, in slices
 ]
 
 

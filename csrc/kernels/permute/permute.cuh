@@ -8,7 +8,10 @@
 //   offsets one block: per expert, its total over the tiles; a scan over the experts for
 //           the segment starts, offsets and num_rows; then per expert and tile the
 //           destination (row, or list position) of the tile's first assignment, so that
-//           a place block reads its tile's row of those, not all E + 1 offsets.
+//           a place block reads its tile's row of those, not all E + 1 offsets. With many
+//           tiles x experts it works on slices of 32 tiles instead, and the slice kernel
+//           (one block per slice and 32 experts) sums the slices' tiles before it and
+//           spreads each slice's destinations over its tiles after it.
 //   place   one block per tile: one warp walks the tile in order, 32 assignments per
 //           round; lanes going to the same expert find each other with ballots over the
 //           expert's bits, so an assignment's rank inside its expert is exact (token, slot)
@@ -77,25 +80,49 @@ struct IndexWorkspace {
   // key, how many of the tile's assignments of the key it keeps (their first row it writes
   // in tile_counts), for the place kernel's finish pass.
   int32_t* tile_kept;
+  // [num_slices][num_local], with slices only: per slice of kSliceTiles tiles its counts
+  // (slice kernel), then (offsets kernel) the destination of its first assignment.
+  int32_t* slice_counts;
   int32_t* counts;       // [E]: assignments of each local expert
   int32_t* list_start;   // [E]: exclusive scan of counts (start in `sorted`)
   int32_t* key_end;      // [E]: rows of the key are below it (where keys_end: rows can end)
   uint64_t* sorted;      // [T * k]: sorted_entry of the assignments grouped by local expert
   int num_tiles;
+  // 0, or the slices of kSliceTiles tiles the offsets kernel works on in place of tiles:
+  // when one block's pass over every tile's counts would be long, the slice kernel sums
+  // each slice's tiles (one block per 32 experts and slice) before it and adds each
+  // slice's destination to its tiles after it.
+  int num_slices;
 };
+
+// Tiles per slice: 8 warps of 4 tiles, held in registers by the slice kernel.
+constexpr int kSliceTiles = 32;
+constexpr int kSliceThreads = 256;
+constexpr int kSliceTilesPerWarp = kSliceTiles / (kSliceThreads / 32);
+// Counts (tiles x experts) the one offsets block reads per pass before slices take over:
+// 16 a thread.
+constexpr int64_t kOffsetsColumnBudget = 16 * 512;
 
 __host__ __device__ inline int permute_num_tiles(int64_t num_assignments) {
   return static_cast<int>((num_assignments + kPermuteTile - 1) / kPermuteTile);
 }
 
+__host__ __device__ inline int permute_num_slices(int num_tiles, int num_experts) {
+  const bool sliced = num_tiles > 1 && static_cast<int64_t>(num_tiles) * num_experts > kOffsetsColumnBudget;
+  return sliced ? (num_tiles + kSliceTiles - 1) / kSliceTiles : 0;
+}
+
 inline IndexWorkspace index_workspace(void* base, int64_t num_assignments, int num_experts) {
   IndexWorkspace w;
   w.num_tiles = permute_num_tiles(num_assignments);
+  w.num_slices = permute_num_slices(w.num_tiles, num_experts);
   int32_t* p = static_cast<int32_t*>(base);
   w.tile_counts = p;
   p += static_cast<int64_t>(num_experts) * w.num_tiles;
   w.tile_kept = p;
   p += static_cast<int64_t>(num_experts) * w.num_tiles;
+  w.slice_counts = p;
+  p += static_cast<int64_t>(num_experts) * w.num_slices;
   w.counts = p;
   p += num_experts;
   w.list_start = p;
@@ -176,6 +203,7 @@ __device__ __forceinline__ void store_chunk(T* dst, const Chunk16<T>& c) {
 
 constexpr int kCountThreads = 256;
 constexpr int kOffsetsThreads = 512;  // 1024 leaves 64 registers: sm_120 spilled
+static_assert(kOffsetsColumnBudget == 16 * kOffsetsThreads, "16 counts a thread");
 constexpr int kSelectThreads = 256;
 
 // counts[l] = assignments of the tile going to local expert l. Every thread of the block
@@ -304,12 +332,16 @@ __global__ void __launch_bounds__(kOffsetsThreads)
   __shared__ int64_t warp_totals[kOffsetsThreads / 32];
   const int num_local = num_keys(p);
 
+  // The parts it sums and then turns into destinations: tiles, or slices of tiles.
+  int32_t* const parts = w.num_slices > 0 ? w.slice_counts : w.tile_counts;
+  const int num_parts = w.num_slices > 0 ? w.num_slices : w.num_tiles;
+
   // One thread per local expert (the threads of a warp on consecutive experts: coalesced):
-  // its total over the tiles.
+  // its total over the parts.
   for (int l = threadIdx.x; l < num_local; l += kOffsetsThreads) {
-    const int32_t* column = w.tile_counts + l;
+    const int32_t* column = parts + l;
     int32_t total = 0;
-    for (int tile = 0; tile < w.num_tiles; ++tile) total += column[static_cast<int64_t>(tile) * num_local];
+    for (int part = 0; part < num_parts; ++part) total += column[static_cast<int64_t>(part) * num_local];
     counts[l] = total;
     w.counts[l] = total;
   }
@@ -323,17 +355,66 @@ __global__ void __launch_bounds__(kOffsetsThreads)
     if (!select && keys_end(p)) w.key_end[key] = static_cast<int32_t>(end);
   });
   __syncthreads();
-  // Again one thread per local expert: each tile's first destination, the key's first plus
-  // the counts of the tiles before, in place. A destination past 2^31 - 1 (never a kept
+  // Again one thread per local expert: each part's first destination, the key's first plus
+  // the counts of the parts before, in place. A destination past 2^31 - 1 (never a kept
   // row) is saturated.
   for (int l = threadIdx.x; l < num_local; l += kOffsetsThreads) {
-    int32_t* column = w.tile_counts + l;
+    int32_t* column = parts + l;
     int64_t destination = counts[l];
-    for (int tile = 0; tile < w.num_tiles; ++tile) {
-      const int32_t c = column[static_cast<int64_t>(tile) * num_local];
-      column[static_cast<int64_t>(tile) * num_local] = static_cast<int32_t>(min(destination, int64_t{INT32_MAX}));
+    for (int part = 0; part < num_parts; ++part) {
+      const int32_t c = column[static_cast<int64_t>(part) * num_local];
+      column[static_cast<int64_t>(part) * num_local] = static_cast<int32_t>(min(destination, int64_t{INT32_MAX}));
       destination += c;
     }
+  }
+}
+
+// With slices, one block per slice (x) and 32 consecutive local keys (lane j on key
+// 32 y + j: each tile's row of them read and written coalesced), warp v on the slice's tiles
+// 4 v .. 4 v + 3. Before the offsets kernel (add_destination false): the slice's count of
+// each key, in slice_counts. After it: each tile's first destination, the slice's (from
+// the offsets kernel) plus the counts of the slice's tiles before it, in tile_counts.
+__global__ void __launch_bounds__(kSliceThreads)
+    permute_slice_kernel(PermuteIndexParams p, IndexWorkspace w, bool add_destination) {
+  __shared__ int32_t warp_sums[kSliceThreads / 32][32];
+  __shared__ int32_t slice_destination[32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int num_local = num_keys(p);
+  const int l = blockIdx.y * 32 + lane;
+  const int slice = blockIdx.x;
+  const int64_t slice_index = static_cast<int64_t>(slice) * num_local + l;
+  const int first_tile = slice * kSliceTiles + warp * kSliceTilesPerWarp;
+  int32_t counts[kSliceTilesPerWarp];
+  int32_t sum = 0;
+#pragma unroll
+  for (int i = 0; i < kSliceTilesPerWarp; ++i) {
+    const int t = first_tile + i;
+    counts[i] = l < num_local && t < w.num_tiles ? w.tile_counts[static_cast<int64_t>(t) * num_local + l] : 0;
+    sum += counts[i];
+  }
+  warp_sums[warp][lane] = sum;
+  if (add_destination && warp == 0 && l < num_local) slice_destination[lane] = w.slice_counts[slice_index];
+  __syncthreads();
+  int64_t before = 0, total = 0;  // this key's counts in the slice's warps before this one, and in all
+#pragma unroll
+  for (int v = 0; v < kSliceThreads / 32; ++v) {
+    const int32_t c = warp_sums[v][lane];
+    before += v < warp ? c : 0;
+    total += c;
+  }
+  if (l >= num_local) return;
+  if (!add_destination) {
+    if (warp == 0) w.slice_counts[slice_index] = static_cast<int32_t>(total);
+    return;
+  }
+  int64_t destination = slice_destination[lane] + before;
+#pragma unroll
+  for (int i = 0; i < kSliceTilesPerWarp; ++i) {
+    const int t = first_tile + i;
+    if (t < w.num_tiles) {
+      w.tile_counts[static_cast<int64_t>(t) * num_local + l] = static_cast<int32_t>(min(destination, int64_t{INT32_MAX}));
+    }
+    destination += counts[i];
   }
 }
 
@@ -1066,7 +1147,8 @@ void launch_row_dot_typed(const RowDotParams& p, cudaStream_t stream) {
 
 size_t permute_index_workspace_bytes(int64_t num_tokens, int k, int num_experts) {
   const int64_t n = num_tokens * k;
-  const int64_t ints = 2 * static_cast<int64_t>(num_experts) * permute::permute_num_tiles(n) +
+  const int tiles = permute::permute_num_tiles(n);
+  const int64_t ints = static_cast<int64_t>(num_experts) * (2 * tiles + permute::permute_num_slices(tiles, num_experts)) +
                        3 * static_cast<int64_t>(num_experts) + 1 + 2 * n;  // 1: sorted's alignment
   return static_cast<size_t>(ints) * sizeof(int32_t);
 }
@@ -1097,8 +1179,12 @@ void launch_permute_index(const PermuteIndexParams& p, cudaStream_t stream) {
     launch_kernel("permute_count_kernel", permute::permute_count_kernel,
                   LaunchConfig{dim3(w.num_tiles), dim3(permute::kCountThreads), counter_bytes, stream},
                   p, w);
+    const LaunchConfig slices{dim3(std::max(w.num_slices, 1), ceil_div(num_local, 32)), dim3(permute::kSliceThreads),
+                              0, stream};
+    if (w.num_slices > 0) launch_kernel("permute_slice_kernel", permute::permute_slice_kernel, slices, p, w, false);
     launch_kernel("permute_offsets_kernel", permute::permute_offsets_kernel,
                   LaunchConfig{dim3(1), dim3(permute::kOffsetsThreads), counter_bytes, stream}, p, w);
+    if (w.num_slices > 0) launch_kernel("permute_slice_kernel", permute::permute_slice_kernel, slices, p, w, true);
     const LaunchConfig place{dim3(w.num_tiles), dim3(permute::kPlaceThreads), permute::tile_smem_bytes(num_local),
                              stream};
     // Drop by weight (a single tile selects above): the list grouped by key, the select
