@@ -78,7 +78,7 @@ Plan run_permute_plan(const at::Tensor& ids, const std::optional<at::Tensor>& we
   plan.num_rows = at::empty({1}, i64);
   if (weights) plan.weights = at::zeros({M}, weights->options());
   const size_t workspace_bytes =
-      permute_index_workspace_bytes(T, static_cast<int>(k), static_cast<int>(num_experts));
+      permute_index_workspace_bytes(T, static_cast<int>(k), static_cast<int>(num_experts), drop_by_weight && capacity >= 0);
   at::Tensor workspace = at::empty({static_cast<int64_t>(workspace_bytes)}, ids.options().dtype(at::kByte));
 
   PermuteIndexParams p;

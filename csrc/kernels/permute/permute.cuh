@@ -93,6 +93,7 @@ struct IndexWorkspace {
   // each slice's tiles (one block per 32 experts and slice) before it and adds each
   // slice's destination to its tiles after it.
   int num_slices;
+  size_t bytes;  // the workspace's size
 };
 
 // Tiles per slice: 8 warps of 4 tiles, held in registers by the slice kernel.
@@ -112,25 +113,28 @@ __host__ __device__ inline int permute_num_slices(int num_tiles, int num_experts
   return sliced ? (num_tiles + kSliceTiles - 1) / kSliceTiles : 0;
 }
 
-inline IndexWorkspace index_workspace(void* base, int64_t num_assignments, int num_experts) {
+// Carves the workspace from base (8-byte aligned; null: only sizes it, in w.bytes). The
+// select's arrays (tile_kept, sorted) exist with drop by weight only.
+inline IndexWorkspace index_workspace(void* base, int64_t num_assignments, int num_experts, bool select) {
   IndexWorkspace w;
   w.num_tiles = permute_num_tiles(num_assignments);
   w.num_slices = permute_num_slices(w.num_tiles, num_experts);
-  int32_t* p = static_cast<int32_t*>(base);
-  w.tile_counts = p;
-  p += static_cast<int64_t>(num_experts) * w.num_tiles;
-  w.tile_kept = p;
-  p += static_cast<int64_t>(num_experts) * w.num_tiles;
-  w.slice_counts = p;
-  p += static_cast<int64_t>(num_experts) * w.num_slices;
-  w.counts = p;
-  p += num_experts;
-  w.list_start = p;
-  p += num_experts;
-  w.key_end = p;
-  p += num_experts;
-  p += (p - static_cast<int32_t*>(base)) % 2;  // 8-byte aligned (base is)
-  w.sorted = reinterpret_cast<uint64_t*>(p);
+  int64_t used = 0;  // int32 words
+  auto take = [&](int64_t words) -> int32_t* {
+    int32_t* at = base != nullptr && words > 0 ? static_cast<int32_t*>(base) + used : nullptr;
+    used += words;
+    return at;
+  };
+  const int64_t per_tile = static_cast<int64_t>(num_experts) * w.num_tiles;
+  w.tile_counts = take(per_tile);
+  w.tile_kept = take(select ? per_tile : 0);
+  w.slice_counts = take(static_cast<int64_t>(num_experts) * w.num_slices);
+  w.counts = take(num_experts);
+  w.list_start = take(num_experts);
+  w.key_end = take(num_experts);
+  used += used % 2;  // sorted is 8-byte aligned
+  w.sorted = reinterpret_cast<uint64_t*>(take(select ? 2 * num_assignments : 0));
+  w.bytes = static_cast<size_t>(used) * sizeof(int32_t);
   return w;
 }
 
@@ -502,9 +506,10 @@ __device__ __forceinline__ void finish_tile(const PermuteIndexParams& p, const T
     }
     m.row[a] = kept ? 1 : 0;
   }
-  __syncthreads();
   // 2. A scan of the kept flags in list order: m.row[a] = kept entries before it in the list
-  // (-1: dropped), and key_half[key] = that count at the start of the key's run.
+  // (-1: dropped), and key_half[key] = that count at the start of the key's run. Each
+  // thread reads the flags it wrote above, and writes only after the scan's barrier, when
+  // every thread is done reading key_half above.
   int64_t kept_before = 0;
   for (int round = 0; round < listed; round += blockDim.x) {
     const int i = round + threadIdx.x;
@@ -1145,12 +1150,8 @@ void launch_row_dot_typed(const RowDotParams& p, cudaStream_t stream) {
 
 }  // namespace permute
 
-size_t permute_index_workspace_bytes(int64_t num_tokens, int k, int num_experts) {
-  const int64_t n = num_tokens * k;
-  const int tiles = permute::permute_num_tiles(n);
-  const int64_t ints = static_cast<int64_t>(num_experts) * (2 * tiles + permute::permute_num_slices(tiles, num_experts)) +
-                       3 * static_cast<int64_t>(num_experts) + 1 + 2 * n;  // 1: sorted's alignment
-  return static_cast<size_t>(ints) * sizeof(int32_t);
+size_t permute_index_workspace_bytes(int64_t num_tokens, int k, int num_experts, bool select_by_weight) {
+  return permute::index_workspace(nullptr, num_tokens * k, num_experts, select_by_weight).bytes;
 }
 
 void launch_permute_index(const PermuteIndexParams& p, cudaStream_t stream) {
@@ -1166,7 +1167,8 @@ void launch_permute_index(const PermuteIndexParams& p, cudaStream_t stream) {
   if (p.drop_by_weight && p.capacity >= 0 && p.weights == nullptr && n > 0) {
     throw std::invalid_argument("permute: drop by weight needs weights");
   }
-  const permute::IndexWorkspace w = permute::index_workspace(p.workspace, n, p.num_experts);
+  const bool select = p.drop_by_weight && p.capacity >= 0;
+  const permute::IndexWorkspace w = permute::index_workspace(p.workspace, n, p.num_experts, select);
   const int num_local = permute::num_keys(p);
   const size_t counter_bytes = static_cast<size_t>(num_local) * sizeof(int32_t);
   if (w.num_tiles <= 1) {
@@ -1189,7 +1191,6 @@ void launch_permute_index(const PermuteIndexParams& p, cudaStream_t stream) {
                              stream};
     // Drop by weight (a single tile selects above): the list grouped by key, the select
     // kernel's verdict on it, then row_map.
-    const bool select = p.drop_by_weight && p.capacity >= 0;
     launch_kernel("permute_place_kernel", permute::permute_place_kernel, place, p, w,
                   select ? permute::kPlaceList : permute::kPlaceRows);
     if (select) {

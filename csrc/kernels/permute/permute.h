@@ -46,7 +46,8 @@ struct PermuteIndexParams {
   void* workspace = nullptr;        // permute_index_workspace_bytes(...) bytes
 };
 
-size_t permute_index_workspace_bytes(int64_t num_tokens, int k, int num_experts);
+// select_by_weight: capacity with drop_by_weight (the select kernel's arrays).
+size_t permute_index_workspace_bytes(int64_t num_tokens, int k, int num_experts, bool select_by_weight);
 void launch_permute_index(const PermuteIndexParams& params, cudaStream_t stream);
 
 // out[row_map[t, j]] = scale[t, j] * x[t] (scale null: a copy) for every row_map entry in
