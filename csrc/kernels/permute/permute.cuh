@@ -165,6 +165,11 @@ __host__ __device__ inline bool keys_end(const PermuteIndexParams& p) {
   return p.capacity >= 0 || p.expert_map != nullptr;
 }
 
+// Capacity with drop_policy "weight": the select decides which assignments keep rows.
+__host__ __device__ inline bool selects_by_weight(const PermuteIndexParams& p) {
+  return p.drop_by_weight && p.capacity >= 0;
+}
+
 // The segment (index of offsets) of a key: the range keeps experts at their global
 // positions, a map orders segments by local index.
 __device__ __forceinline__ int segment_of_key(const PermuteIndexParams& p, int key) {
@@ -350,7 +355,7 @@ __global__ void __launch_bounds__(kOffsetsThreads)
     w.counts[l] = total;
   }
   __syncthreads();
-  const bool select = p.drop_by_weight && p.capacity >= 0;
+  const bool select = selects_by_weight(p);
   scan_experts(p, counts, warp_totals, [&](int key, int32_t list_start, int64_t row, bool exists) {
     w.list_start[key] = list_start;
     counts[key] = select ? list_start : static_cast<int32_t>(row);  // the key's first destination
@@ -461,6 +466,19 @@ __device__ __forceinline__ TileSmem tile_smem(unsigned char* base, int num_local
   return m;
 }
 
+// Whether list entry i is among the top `keep` of its key's run [start, end) of the staged
+// list by (weight key desc, list position asc): the order the select keeps by. Stops
+// counting the entries before it at keep.
+__device__ __forceinline__ bool in_top_by_weight(const TileSmem& m, int start, int end, int i, int keep) {
+  const uint32_t mine = weight_key(m.weight[m.list[i]]);
+  int above = 0;
+  for (int j = start; j < end && above < keep; ++j) {
+    const uint32_t other = weight_key(m.weight[m.list[j]]);
+    above += other > mine || (other == mine && j < i) ? 1 : 0;
+  }
+  return above < keep;
+}
+
 // Reads the n assignments from `begin` once: each one's key (num_local: not local; ids out
 // of range are never local, so never indexed), the tile's count of each key in key_word,
 // and, with stage_weights, the weights. Every thread of the block calls it.
@@ -494,16 +512,7 @@ __device__ __forceinline__ void finish_tile(const PermuteIndexParams& p, const T
     const int key = m.key[a];
     const int start = run_start(key), end = m.placed[key];
     const int keep = m.key_half[key];
-    bool kept = keep >= end - start;
-    if (!kept && keep > 0) {
-      const uint32_t mine = weight_key(m.weight[a]);
-      int above = 0;
-      for (int j = start; j < end && above < keep; ++j) {
-        const uint32_t other = weight_key(m.weight[m.list[j]]);
-        above += other > mine || (other == mine && j < i) ? 1 : 0;
-      }
-      kept = above < keep;
-    }
+    const bool kept = keep >= end - start || in_top_by_weight(m, start, end, i, keep);
     m.row[a] = kept ? 1 : 0;
   }
   // 2. A scan of the kept flags in list order: m.row[a] = kept entries before it in the list
@@ -633,7 +642,7 @@ __global__ void __launch_bounds__(kOffsetsThreads, 1)
   int16_t* const list_start = m.key_half;  // start of the key in the list (<= kPermuteTile)
   const int n = static_cast<int>(p.num_tokens * p.k);  // <= kPermuteTile
   // Capacity with drop by weight: the select runs here too (below), on the staged list.
-  const bool select = p.drop_by_weight && p.capacity >= 0;
+  const bool select = selects_by_weight(p);
   const bool stage_weights = p.weights_out != nullptr || select;
   stage_tile(p, m, num_local, 0, n, stage_weights);
   const int listed = static_cast<int>(scan_experts(
@@ -662,14 +671,8 @@ __global__ void __launch_bounds__(kOffsetsThreads, 1)
       // select kernel's threshold and ties). Its row then depends on the kept entries
       // before it in the list: encoded as -2 - i here, resolved after the barrier below.
       const int end = m.placed[key];  // after the place warp: the key's list end
-      if (end - key_start > p.capacity) {
-        const uint32_t mine = weight_key(m.weight[a]);
-        int64_t above = 0;
-        for (int j = key_start; j < end; ++j) {
-          const uint32_t other = weight_key(m.weight[m.list[j]]);
-          above += other > mine || (other == mine && j < i) ? 1 : 0;
-        }
-        row = above < p.capacity ? -2 - i : -1;
+      if (end - key_start > p.capacity) {  // then capacity < kPermuteTile: an int
+        row = in_top_by_weight(m, key_start, end, i, static_cast<int>(p.capacity)) ? -2 - i : -1;
       }
     }
     m.row[a] = row;
@@ -1164,10 +1167,10 @@ void launch_permute_index(const PermuteIndexParams& p, cudaStream_t stream) {
   if (p.k < 1 || p.align < 1) throw std::invalid_argument("permute: k and align must be positive");
   const int64_t n = p.num_tokens * p.k;
   if (n >= (int64_t{1} << 31)) throw std::invalid_argument("permute: num_tokens * k must be < 2^31");
-  if (p.drop_by_weight && p.capacity >= 0 && p.weights == nullptr && n > 0) {
+  if (permute::selects_by_weight(p) && p.weights == nullptr && n > 0) {
     throw std::invalid_argument("permute: drop by weight needs weights");
   }
-  const bool select = p.drop_by_weight && p.capacity >= 0;
+  const bool select = permute::selects_by_weight(p);
   const permute::IndexWorkspace w = permute::index_workspace(p.workspace, n, p.num_experts, select);
   const int num_local = permute::num_keys(p);
   const size_t counter_bytes = static_cast<size_t>(num_local) * sizeof(int32_t);
